@@ -1,0 +1,131 @@
+"""S2-MLPv2 shift attention (seed 004).
+
+The seed shifts in place between overlapping slices. Eager CPU PyTorch copies front to back, so its
++1 shifts smear the first row/column across the map; exports and (mostly) CUDA compute the clean
+shift. This project defines the shift as the clean one (read everything, then write), and the
+reference functions below implement that definition, not the seed's CPU-eager accident.
+
+SplitAttention() keeps the seed's 512-channel default (the seed works only at C = 512); the export
+twin reads its width from the weights. The branch sum over all H*W positions runs in fp32.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Channel-group moves (axis, step) of the two shift functions; axes index an NHWC tensor.
+SHIFT1 = ((1, +1), (1, -1), (2, +1), (2, -1))
+SHIFT2 = ((2, +1), (2, -1), (1, +1), (1, -1))
+
+
+def _groups(c):
+    return (0, c // 4, c // 2, c * 3 // 4, c)
+
+
+def _shift_reference(x, moves):
+    """Seed-shaped in-place shift, but reading from a snapshot: the clean shift."""
+    src = x.clone()
+    b, w, h, c = x.size()
+    g = _groups(c)
+    for (axis, step), lo, hi in zip(moves, g[:-1], g[1:]):
+        n = x.shape[axis]
+        dst_sl, src_sl = (slice(1, n), slice(0, n - 1)) if step > 0 else (slice(0, n - 1), slice(1, n))
+        index = [slice(None)] * 3 + [slice(lo, hi)]
+        dst, srcix = list(index), list(index)
+        dst[axis], srcix[axis] = dst_sl, src_sl
+        x[tuple(dst)] = src[tuple(srcix)]
+    return x
+
+
+def spatial_shift1(x):
+    return _shift_reference(x, SHIFT1)
+
+
+def spatial_shift2(x):
+    return _shift_reference(x, SHIFT2)
+
+
+class SplitAttention(nn.Module):
+    def __init__(self, channel=512, k=3):
+        super().__init__()
+        self.channel = channel
+        self.k = k
+        self.mlp1 = nn.Linear(channel, channel, bias=False)
+        self.gelu = nn.GELU()
+        self.mlp2 = nn.Linear(channel, channel * k, bias=False)
+        self.softmax = nn.Softmax(1)
+
+    def forward(self, x_all):
+        b, k, h, w, c = x_all.shape
+        x_all = x_all.reshape(b, k, -1, c)
+        a = torch.sum(torch.sum(x_all, 1), 1)
+        hat_a = self.mlp2(self.gelu(self.mlp1(a)))
+        bar_a = self.softmax(hat_a.reshape(b, self.k, c))
+        out = bar_a.unsqueeze(-2) * x_all
+        return torch.sum(out, 1).reshape(b, h, w, c)
+
+
+class S2Attention(nn.Module):
+    def __init__(self, channels=512, split_channels=512):
+        super().__init__()
+        self.mlp1 = nn.Linear(channels, channels * 3)
+        self.mlp2 = nn.Linear(channels, channels)
+        # The seed builds SplitAttention() at 512 whatever `channels` is; our YAMLs pass split_channels=channels.
+        self.split_attention = SplitAttention(split_channels)
+
+    def forward(self, x):
+        b, c, w, h = x.size()
+        x = self.mlp1(x.permute(0, 2, 3, 1))
+        x1 = spatial_shift1(x[:, :, :, :c])
+        x2 = spatial_shift2(x[:, :, :, c:c * 2])
+        x3 = x[:, :, :, c * 2:]
+        a = self.split_attention(torch.stack([x1, x2, x3], 1))
+        return self.mlp2(a).permute(0, 3, 1, 2)
+
+
+def shift_clean(x, moves, axis_offset=0):
+    """Clean shift of channel groups of a channels-last tensor by slices and concat (no ScatterND)."""
+    c = x.shape[-1]
+    g = _groups(c)
+    parts = []
+    for (axis, step), lo, hi in zip(moves, g[:-1], g[1:]):
+        part = x[..., lo:hi]
+        ax = axis + axis_offset
+        n = part.shape[ax]
+        if step > 0:  # out[1:] = in[:-1]; row 0 keeps its value
+            part = torch.cat([part.narrow(ax, 0, 1), part.narrow(ax, 0, n - 1)], dim=ax)
+        else:  # out[:-1] = in[1:]; the last row keeps its value
+            part = torch.cat([part.narrow(ax, 1, n - 1), part.narrow(ax, n - 1, 1)], dim=ax)
+        parts.append(part)
+    return torch.cat(parts, dim=-1)
+
+
+class S2AttentionExport(S2Attention):
+    def forward(self, x):
+        c = x.shape[1]
+        y = self.mlp1(x.permute(0, 2, 3, 1))
+        x1 = shift_clean(y[..., :c], SHIFT1)
+        x2 = shift_clean(y[..., c:2 * c], SHIFT2)
+        x3 = y[..., 2 * c:]
+        return self.mlp2(_split_attend(self.split_attention, (x1, x2, x3))).permute(0, 3, 1, 2)
+
+
+def _split_attend(sa, branches):
+    """SplitAttention with the k*H*W sum and the gating MLP in fp32 (the sum overflows fp16)."""
+    dtype = branches[0].dtype
+    a = sum(t.float().sum(dim=(1, 2)) for t in branches)
+    hat = F.linear(sa.gelu(F.linear(a, sa.mlp1.weight.float())), sa.mlp2.weight.float())
+    weights = hat.reshape(a.shape[0], len(branches), -1).softmax(1).to(dtype)
+    out = branches[0] * weights[:, 0, None, None, :]
+    for i in range(1, len(branches)):
+        out = out + branches[i] * weights[:, i, None, None, :]
+    return out
+
+
+def s2_for_yaml(c1):
+    """How our YAMLs build S2Attention: SplitAttention as wide as the block, so every scale works."""
+    return S2Attention(c1, split_channels=c1)
+
+
+EXPORT_TWINS = {S2Attention: S2AttentionExport}
+YAML_MODULES = {"S2Attention": ("attention", s2_for_yaml)}
