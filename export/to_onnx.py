@@ -1,5 +1,12 @@
-"""Export a torch module to an ONNX file that the installed onnxruntime and TensorRT parsers read."""
+"""Export a (rewritten) YOLO model to ONNX that ultralytics, ONNX Runtime and TensorRT's parsers read.
 
+Layout as ultralytics' own export: `images` float32 [0,1] NCHW in, `output0` (B, 4+nc, anchors) float32
+out, metadata props (names, stride, imgsz, task, batch, ...). With half=True weights and activations
+are fp16 and the families' fp32 islands are explicit Cast nodes; input and output stay fp32.
+"""
+
+import copy
+import datetime
 import os
 import tempfile
 import warnings
@@ -12,12 +19,10 @@ import torch
 MAX_IR_VERSION = 10
 
 
-def export_module(module, example, path, opset=17, input_names=("x",), output_names=("y",), dynamic_axes=None):
-    """Trace `module` on `example` (a tensor or tuple) into `path`, written atomically; returns the ModelProto."""
+def trace(module, example, opset=17, input_names=("x",), output_names=("y",), dynamic_axes=None):
+    """Trace `module` on `example` (a tensor or tuple) into a ModelProto."""
     example = example if isinstance(example, tuple) else (example,)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
@@ -27,10 +32,87 @@ def export_module(module, example, path, opset=17, input_names=("x",), output_na
             torch.onnx.export(module, example, str(raw), dynamo=False, opset_version=opset,
                               input_names=list(input_names), output_names=list(output_names),
                               dynamic_axes=dynamic_axes, do_constant_folding=True)
-        model = onnx.load(str(raw))
-        model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-        onnx.checker.check_model(model)
-        staged = Path(tmp) / "final.onnx"
-        onnx.save(model, str(staged))
-        os.replace(staged, path)
+        return onnx.load(str(raw))
+
+
+def save(model, path):
+    """Check and write `model` to `path` atomically (a temp file in the same folder, then rename)."""
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.part")
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the artifact is an ordinary file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return model
+
+
+def export_module(module, example, path, opset=17, input_names=("x",), output_names=("y",), dynamic_axes=None):
+    """Trace and save one module (used for single blocks); returns the ModelProto."""
+    return save(trace(module, example, opset, input_names, output_names, dynamic_axes), path)
+
+
+class _Deployable(torch.nn.Module):
+    """fp32 images in, fp32 (B, 4+nc, anchors) out, whatever precision runs inside."""
+
+    def __init__(self, model, half):
+        super().__init__()
+        self.model, self.half = model, half
+
+    def forward(self, images):
+        y = self.model(images.half() if self.half else images)
+        return (y[0] if isinstance(y, (list, tuple)) else y).float()
+
+
+def export_yolo(twin, loaded, path, imgsz, batch=1, dynamic=False, half=False, opset=17, simplify=True):
+    """Export the rewritten model `twin` of checkpoint `loaded` to `path`; returns the ModelProto."""
+    model = copy.deepcopy(twin).eval()
+    for m in model.modules():
+        if hasattr(m, "export") and hasattr(m, "stride") and hasattr(m, "nc"):  # Detect-like heads
+            m.export, m.format, m.dynamic = True, "onnx", dynamic
+    model = _Deployable(model.half() if half else model.float(), half)
+    axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 2: "anchors"}} if dynamic else None
+    proto = trace(model, torch.zeros(batch, 3, *imgsz), opset, ("images",), ("output0",), axes)
+    if simplify:
+        import onnxslim
+
+        proto = onnxslim.slim(proto)
+    _set_metadata(proto, loaded, imgsz, batch, dynamic, half)
+    return save(proto, path)
+
+
+def _set_metadata(proto, loaded, imgsz, batch, dynamic, half):
+    meta = {
+        "description": f"attention-YOLO export of {loaded.path.name} (yolo-attn-export)",
+        "author": "yolo-attn-export",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "version": _version(),
+        "stride": int(max(loaded.stride)),
+        "task": loaded.task,
+        "batch": batch,
+        "imgsz": list(imgsz),
+        "names": loaded.names,
+        "channels": 3,
+        "args": {"batch": batch, "half": half, "dynamic": dynamic, "imgsz": list(imgsz), "nms": False},
+    }
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, str(v)
+
+
+def _version():
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("yolo-attn-export")
+    except PackageNotFoundError:
+        return "0+local"

@@ -15,6 +15,9 @@ FAMILIES = {"fla": fla, "mlla": mlla, "sta": sta, "s2": s2}
 # twin made from a reference has the same attributes, submodules and state_dict keys.
 EXPORT_TWINS = {ref: twin for family in FAMILIES.values() for ref, twin in family.EXPORT_TWINS.items()}
 
+# Class/function name -> our object, for reconstructing checkpoints whatever module path a fork used.
+CHECKPOINT_NAMES = {name: getattr(family, name) for family in FAMILIES.values() for name in family.CHECKPOINT_NAMES}
+
 CFG_DIR = Path(__file__).parent / "cfg"
 DEMO_DIR = Path(__file__).parent / "demo"
 

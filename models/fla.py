@@ -88,6 +88,17 @@ class FocusedLinearAttention(nn.Module):
         return x.transpose(1, 2).reshape(B, C, H, W)
 
 
+class FocusedLinearAttentionHW(FocusedLinearAttention):
+    """The seed computation with only the dwc layout corrected to the real H x W.
+
+    This is the reference semantics off-square (where the seed itself crashes or scrambles the map),
+    and what the export twin is checked against there.
+    """
+
+    def _seed_dwc_grid(self, n, h, w):
+        return h, w
+
+
 def _split_heads(t, heads):
     """(B, N, heads*d) -> (B*heads, N, d), heads channel-contiguous as in the seed."""
     b, n, c = t.shape
@@ -196,3 +207,6 @@ YAML_MODULES = {
     "FocusedLinearAttention": ("attention", FocusedLinearAttention),
     "FLAttention": ("attention", FocusedLinearAttention),
 }
+
+# Names a checkpoint pickled from the tutorial code may reference, under any module path.
+CHECKPOINT_NAMES = ("FocusedLinearAttention", "Bottleneck_FLA", "C2f_FLA")

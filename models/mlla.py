@@ -215,3 +215,7 @@ def _to_map(tokens, h, w):
 
 EXPORT_TWINS = {MLLAttention: MLLAttentionExport}
 YAML_MODULES = {"MLLAttention": ("attention", MLLAttention)}
+
+# Names a checkpoint pickled from the tutorial/upstream code may reference, under any module path
+# (DropPath: timm's, which upstream uses).
+CHECKPOINT_NAMES = ("MLLAttention", "MLLABlock", "LinearAttention", "RoPE", "Mlp", "DropPath")

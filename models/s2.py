@@ -22,19 +22,26 @@ def _groups(c):
     return (0, c // 4, c // 2, c * 3 // 4, c)
 
 
-def _shift_reference(x, moves):
-    """Seed-shaped in-place shift, but reading from a snapshot: the clean shift."""
-    src = x.clone()
+def _shift_into(x, src, moves):
+    """The seed's shift as slice assignments into x, reading from src (x itself: the seed; a copy: clean)."""
     b, w, h, c = x.size()
     g = _groups(c)
     for (axis, step), lo, hi in zip(moves, g[:-1], g[1:]):
         n = x.shape[axis]
-        dst_sl, src_sl = (slice(1, n), slice(0, n - 1)) if step > 0 else (slice(0, n - 1), slice(1, n))
-        index = [slice(None)] * 3 + [slice(lo, hi)]
-        dst, srcix = list(index), list(index)
-        dst[axis], srcix[axis] = dst_sl, src_sl
-        x[tuple(dst)] = src[tuple(srcix)]
+        dst_ix, src_ix = [slice(None)] * 3 + [slice(lo, hi)], [slice(None)] * 3 + [slice(lo, hi)]
+        dst_ix[axis], src_ix[axis] = (slice(1, n), slice(0, n - 1)) if step > 0 else (slice(0, n - 1), slice(1, n))
+        x[tuple(dst_ix)] = src[tuple(src_ix)]
     return x
+
+
+def seed_inplace_shift(x, moves):
+    """The tutorial's in-place shift, as it runs: kept only to measure how far its eager-CPU output is from ours."""
+    return _shift_into(x, x, moves)
+
+
+def _shift_reference(x, moves):
+    """Our definition: every group reads the map as it was before any write (the clean shift)."""
+    return _shift_into(x, x.clone(), moves)
 
 
 def spatial_shift1(x):
@@ -73,11 +80,12 @@ class S2Attention(nn.Module):
         # The seed builds SplitAttention() at 512 whatever `channels` is; our YAMLs pass split_channels=channels.
         self.split_attention = SplitAttention(split_channels)
 
-    def forward(self, x):
+    def forward(self, x, shift=None):
+        """`shift(x, moves)` overrides the clean shift (used to measure the seed's in-place variant)."""
         b, c, w, h = x.size()
         x = self.mlp1(x.permute(0, 2, 3, 1))
-        x1 = spatial_shift1(x[:, :, :, :c])
-        x2 = spatial_shift2(x[:, :, :, c:c * 2])
+        x1 = shift(x[:, :, :, :c], SHIFT1) if shift else spatial_shift1(x[:, :, :, :c])
+        x2 = shift(x[:, :, :, c:c * 2], SHIFT2) if shift else spatial_shift2(x[:, :, :, c:c * 2])
         x3 = x[:, :, :, c * 2:]
         a = self.split_attention(torch.stack([x1, x2, x3], 1))
         return self.mlp2(a).permute(0, 3, 1, 2)
@@ -129,3 +137,6 @@ def s2_for_yaml(c1):
 
 EXPORT_TWINS = {S2Attention: S2AttentionExport}
 YAML_MODULES = {"S2Attention": ("attention", s2_for_yaml)}
+
+# Names a checkpoint pickled from the tutorial code may reference, under any module path.
+CHECKPOINT_NAMES = ("S2Attention", "SplitAttention", "spatial_shift1", "spatial_shift2")

@@ -185,3 +185,6 @@ def _neighbours(stokens):
 
 EXPORT_TWINS = {StokenAttention: StokenAttentionExport, StAttention: StAttentionExport}
 YAML_MODULES = {"StokenAttention": ("attention", StokenAttention)}
+
+# Names a checkpoint pickled from the tutorial code may reference, under any module path.
+CHECKPOINT_NAMES = ("StokenAttention", "StAttention", "Unfold", "Fold")

@@ -51,13 +51,6 @@ def randomize(module, seed):
                 m.running_var.uniform_(0.5, 1.5, generator=gen)
 
 
-class GridFixedFLA(fla.FocusedLinearAttention):
-    """The FLA reference with only its square-only dwc layout corrected to the real H x W."""
-
-    def _seed_dwc_grid(self, n, h, w):
-        return h, w
-
-
 def reference_at(model, h, w):
     """The reference to compare with at h x w: FLA's seed code is defined for square maps only."""
     if h == w:
@@ -65,7 +58,7 @@ def reference_at(model, h, w):
     fixed = copy.deepcopy(model)
     for m in fixed.modules():
         if type(m) is fla.FocusedLinearAttention:
-            m.__class__ = GridFixedFLA
+            m.__class__ = fla.FocusedLinearAttentionHW
     return fixed
 
 

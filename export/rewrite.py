@@ -1,0 +1,96 @@
+"""Swap every reference-twin module for its export twin and check each one on the model's own activations.
+
+    twin, checks = rewrite(model, imgsz=(384, 640))
+
+Each check compares one block's twin with its reference on the input that block sees at the export
+size (captured from a probe forward pass), and notes where the seed code is ill-defined there.
+"""
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+
+import models
+from models import fla, s2
+
+
+@dataclass
+class ModuleCheck:
+    name: str  # where the block sits in the model, e.g. "model.10"
+    reference: str
+    twin: str
+    input_shape: list
+    max_abs: float  # max |twin - reference| on this block's real input
+    scale: float  # max |reference output|
+    note: str = ""
+
+    @property
+    def rel(self):
+        return self.max_abs / max(self.scale, 1e-12)
+
+    def as_dict(self):
+        return {**asdict(self), "rel": self.rel}
+
+
+def rewrite(model, imgsz, images=None, seed=0):
+    """(export-twin copy of model, [ModuleCheck per replaced block]); model is left untouched.
+
+    The probe is `images` (letterboxed to imgsz) when given: real images exercise the blocks as deployment
+    will (noise gives near-constant deep features); otherwise seeded uniform noise.
+    """
+    h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    twin = models.to_export(model)
+    names = _outermost_family_modules(model)
+    probe = images if images is not None else torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
+    inputs = _capture_inputs(twin, names, probe)
+    return twin, [_check(name, model.get_submodule(name), twin.get_submodule(name), inputs[name]) for name in names]
+
+
+def _outermost_family_modules(model):
+    found = []
+    for name, m in model.named_modules():
+        if type(m) in models.EXPORT_TWINS and not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    return found
+
+
+def _capture_inputs(model, names, x):
+    captured, hooks = {}, []
+    for name in names:
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(
+            lambda m, args, name=name: captured.setdefault(name, args[0].detach().clone())))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+def _check(name, reference, twin, x):
+    with torch.no_grad():
+        expected, note = _reference_output(reference, x)
+        got = twin(x)
+    return ModuleCheck(name=name, reference=type(reference).__name__, twin=type(twin).__name__,
+                       input_shape=list(x.shape), max_abs=(got - expected).abs().max().item(),
+                       scale=expected.abs().max().item(), note=note)
+
+
+def _reference_output(reference, x):
+    h, w = x.shape[-2:]
+    if isinstance(reference, fla.FocusedLinearAttention) and h != w:
+        defined = copy.deepcopy(reference)
+        defined.__class__ = fla.FocusedLinearAttentionHW
+        return defined(x), (f"the seed FLA is square-only (int(N**0.5) layout); at {h}x{w} compared with the seed "
+                            f"computation laid out as {h}x{w}")
+    if isinstance(reference, s2.S2Attention):
+        expected = reference(x)
+        seed = reference(x, shift=s2.seed_inplace_shift)
+        diff = (seed - expected).abs().max().item()
+        scale = expected.abs().max().item()
+        return expected, (f"the seed's in-place shift (eager CPU) differs from the clean shift by max abs {diff:.4g} "
+                          f"({diff / max(scale, 1e-12):.1%} of the output scale) here; the clean shift is this "
+                          f"project's definition and what every export computes")
+    return reference(x), ""
