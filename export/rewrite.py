@@ -6,7 +6,6 @@ Each check compares one block's twin with its reference on the input that block 
 size (captured from a probe forward pass), and notes where the seed code is ill-defined there.
 """
 
-import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -41,13 +40,14 @@ def rewrite(model, imgsz, images=None, seed=0):
     """
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
     twin = models.to_export(model)
-    names = _outermost_family_modules(model)
+    names = outermost_family_modules(model)
     probe = images if images is not None else torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
     inputs = _capture_inputs(twin, names, probe)
     return twin, [_check(name, model.get_submodule(name), twin.get_submodule(name), inputs[name]) for name in names]
 
 
-def _outermost_family_modules(model):
+def outermost_family_modules(model):
+    """Names of the family modules in model that no other family module contains."""
     found = []
     for name, m in model.named_modules():
         if type(m) in models.EXPORT_TWINS and not any(name.startswith(f + ".") for f in found):
@@ -81,9 +81,7 @@ def _check(name, reference, twin, x):
 def _reference_output(reference, x):
     h, w = x.shape[-2:]
     if isinstance(reference, fla.FocusedLinearAttention) and h != w:
-        defined = copy.deepcopy(reference)
-        defined.__class__ = fla.FocusedLinearAttentionHW
-        return defined(x), (f"the seed FLA is square-only (int(N**0.5) layout); at {h}x{w} compared with the seed "
+        return fla.defined_at(reference, h, w)(x), (f"the seed FLA is square-only (int(N**0.5) layout); at {h}x{w} compared with the seed "
                             f"computation laid out as {h}x{w}")
     if isinstance(reference, s2.S2Attention):
         expected = reference(x)

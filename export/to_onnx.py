@@ -7,13 +7,14 @@ are fp16 and the families' fp32 islands are explicit Cast nodes; input and outpu
 
 import copy
 import datetime
-import os
 import tempfile
 import warnings
 from pathlib import Path
 
 import onnx
 import torch
+
+from export.files import atomic_write
 
 # onnx >= 1.23 stamps IR 14 by default; onnxruntime 1.31 reads at most 13. IR 10 covers opsets <= 21.
 MAX_IR_VERSION = 10
@@ -36,22 +37,10 @@ def trace(module, example, opset=17, input_names=("x",), output_names=("y",), dy
 
 
 def save(model, path):
-    """Check and write `model` to `path` atomically (a temp file in the same folder, then rename)."""
+    """Check and write `model` to `path` atomically."""
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     onnx.checker.check_model(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.part")
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the artifact is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, model.SerializeToString())
     return model
 
 
@@ -75,10 +64,11 @@ class _Deployable(torch.nn.Module):
 def export_yolo(twin, loaded, path, imgsz, batch=1, dynamic=False, half=False, opset=17, simplify=True):
     """Export the rewritten model `twin` of checkpoint `loaded` to `path`; returns the ModelProto."""
     model = copy.deepcopy(twin).eval()
+    model = model.half() if half else model.float()
     for m in model.modules():
         if hasattr(m, "export") and hasattr(m, "stride") and hasattr(m, "nc"):  # Detect-like heads
             m.export, m.format, m.dynamic = True, "onnx", dynamic
-    model = _Deployable(model.half() if half else model.float(), half)
+    model = _Deployable(model, half)
     axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 2: "anchors"}} if dynamic else None
     proto = trace(model, torch.zeros(batch, 3, *imgsz), opset, ("images",), ("output0",), axes)
     if simplify:

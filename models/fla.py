@@ -7,6 +7,8 @@ Export twins compute the same function with matmuls, H and W taken from the inpu
 overflow-prone sums in fp32.
 """
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,6 +99,18 @@ class FocusedLinearAttentionHW(FocusedLinearAttention):
 
     def _seed_dwc_grid(self, n, h, w):
         return h, w
+
+
+def defined_at(model, h, w):
+    """`model` as the reference to compare with at h x w: the seed FLA is square-only, so off-square every
+    FocusedLinearAttention inside is the HW-layout variant (a copy; `model` itself is untouched)."""
+    if h == w or not any(type(m) is FocusedLinearAttention for m in model.modules()):
+        return model
+    fixed = copy.deepcopy(model)
+    for m in fixed.modules():
+        if type(m) is FocusedLinearAttention:
+            m.__class__ = FocusedLinearAttentionHW
+    return fixed
 
 
 def _split_heads(t, heads):

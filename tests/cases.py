@@ -1,6 +1,5 @@
 """Module configurations shared by the twin, fp16 and ONNX tests."""
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -53,13 +52,7 @@ def randomize(module, seed):
 
 def reference_at(model, h, w):
     """The reference to compare with at h x w: FLA's seed code is defined for square maps only."""
-    if h == w:
-        return model
-    fixed = copy.deepcopy(model)
-    for m in fixed.modules():
-        if type(m) is fla.FocusedLinearAttention:
-            m.__class__ = fla.FocusedLinearAttentionHW
-    return fixed
+    return fla.defined_at(model, h, w)
 
 
 def rel_err(a, b):

@@ -47,6 +47,12 @@ def test_fork_checkpoint_loads_without_the_fork(family, tmp_path):
     assert result["checks"] and all(c["rel"] <= 1e-5 for c in result["checks"])
     if family == "s2":
         assert "seed's in-place shift" in result["checks"][0]["note"]
+    out = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-m", "export", "--weights", str(tmp_path / "fork.pt"), "--imgsz", "320",
+                           "--out", str(out), "--no-parity"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["checkpoint"]["remapped"] == result["remapped"] and report["lint"] == []
     assert hashlib.sha256((tmp_path / "fork.pt").read_bytes()).hexdigest() == before
 
 

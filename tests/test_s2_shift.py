@@ -10,16 +10,7 @@ import torch
 
 import models
 from models import s2
-
-
-def seed_spatial_shift1(x):
-    """The tutorial's code, verbatim in behaviour: in-place copies between overlapping slices."""
-    b, w, h, c = x.size()
-    x[:, 1:, :, :c // 4] = x[:, :w - 1, :, :c // 4]
-    x[:, :w - 1, :, c // 4:c // 2] = x[:, 1:, :, c // 4:c // 2]
-    x[:, :, 1:, c // 2:c * 3 // 4] = x[:, :, :h - 1, c // 2:c * 3 // 4]
-    x[:, :, :h - 1, 3 * c // 4:] = x[:, :, 1:, 3 * c // 4:]
-    return x
+from tests.seed_code import spatial_shift1 as seed_spatial_shift1  # the tutorial's code
 
 
 def test_reference_shift_is_the_clean_shift():

@@ -1,0 +1,139 @@
+"""Build a TensorRT engine from an exported ONNX file.
+
+    info = build_engine(onnx_path, engine_path, half=True, imgsz=(640, 640))
+
+Backend: the `tensorrt` Python API when it imports and a CUDA GPU is present; otherwise TensorRT for
+RTX (`tensorrt_rtx`), which parses and builds ahead of time on a CPU-only host. Precision:
+- strongly typed networks (TensorRT >= 10.12, TensorRT 11, TensorRT-RTX): precision comes from the ONNX
+  types, so the fp16 ONNX with its explicit fp32 islands is built as is;
+- TensorRT < 10.12 (Jetson): the same fp16 ONNX with the FP16 builder flag, and every layer the ONNX
+  types as fp32 pinned to fp32 (OBEY_PRECISION_CONSTRAINTS), so the islands survive.
+The timing cache is a file reused across builds; the engine's metadata is a JSON file beside it
+(not prepended to the engine, so trtexec loads the engine as is).
+"""
+
+import json
+import time
+from pathlib import Path
+
+from export.files import atomic_write
+
+STRONGLY_TYPED_SINCE = (10, 12)
+DEFAULT_CACHE = Path.home() / ".cache" / "yolo-attn-export" / "timing.cache"
+
+
+class BuildUnavailable(Exception):
+    """Neither TensorRT nor TensorRT for RTX can build here."""
+
+
+class BuildFailed(Exception):
+    pass
+
+
+def backend():
+    """(trt module, flavour): 'tensorrt' with a GPU, else 'tensorrt_rtx'; BuildUnavailable when neither imports."""
+    import torch
+
+    if torch.cuda.is_available():
+        try:
+            import tensorrt
+
+            return tensorrt, "tensorrt"
+        except ImportError:
+            pass
+    try:
+        import tensorrt_rtx
+
+        return tensorrt_rtx, "tensorrt_rtx"
+    except ImportError:
+        raise BuildUnavailable("building an engine needs TensorRT: install `tensorrt` on a machine with an NVIDIA GPU "
+                               "(or on Jetson, JetPack's), or `pip install tensorrt-rtx` to build ahead of time on "
+                               "any host") from None
+
+
+def _version(trt):
+    return tuple(int(p) for p in trt.__version__.split(".")[:2])
+
+
+def build_engine(onnx_path, engine_path, half, imgsz, batch=1, dynamic=False, workspace_gib=4.0, cache_path=None,
+                 metadata=None):
+    trt, flavour = backend()
+    strongly_typed = flavour == "tensorrt_rtx" or _version(trt) >= STRONGLY_TYPED_SINCE
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(_network_flags(trt, flavour, strongly_typed))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BuildFailed(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2 ** 30))
+    if half and not strongly_typed:
+        _weakly_typed_fp16(trt, network, config)
+    profile = _profile(trt, builder, network, imgsz, batch, dynamic)
+    if profile is not None:
+        config.add_optimization_profile(profile)
+    cache_path = Path(cache_path or DEFAULT_CACHE)
+    cache = _load_timing_cache(config, cache_path)
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BuildFailed(f"TensorRT could not build an engine from {onnx_path.name} (see the log above)")
+    seconds = time.perf_counter() - start
+    _save_timing_cache(config, cache, cache_path)
+    info = {"backend": flavour, "tensorrt_version": trt.__version__, "strongly_typed": strongly_typed,
+            "precision": "fp16" if half else "fp32", "build_s": round(seconds, 2), "bytes": serialized.nbytes,
+            "timing_cache": str(cache_path), "dynamic": dynamic,
+            "profile": _profile_shapes(imgsz, batch) if dynamic else None}
+    atomic_write(Path(engine_path), bytes(serialized))
+    atomic_write(Path(f"{engine_path}.json"), json.dumps({**(metadata or {}), "engine": info}, indent=2).encode())
+    return info
+
+
+def _network_flags(trt, flavour, strongly_typed):
+    flags = 0
+    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") and _version(trt) < (10, 0):  # TRT 8.x
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    return flags
+
+
+def _weakly_typed_fp16(trt, network, config):
+    """TensorRT < 10.12: FP16 flag, with the layers the ONNX types as fp32 (the islands) pinned to fp32."""
+    config.set_flag(trt.BuilderFlag.FP16)
+    config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
+        if outputs and all(o.dtype == trt.float32 for o in outputs) and layer.type != trt.LayerType.CONSTANT:
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+
+
+def _profile_shapes(imgsz, batch):
+    """--dynamic profile: min 1x3x64x64, opt batch x 3 x H x W, max max(batch, 8) x 3 x H x W."""
+    h, w = imgsz
+    return {"min": [1, 3, 64, 64], "opt": [batch, 3, h, w], "max": [max(batch, 8), 3, h, w]}
+
+
+def _profile(trt, builder, network, imgsz, batch, dynamic):
+    if not dynamic:
+        return None
+    shapes = _profile_shapes(imgsz, batch)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(network.get_input(0).name, shapes["min"], shapes["opt"], shapes["max"])
+    return profile
+
+
+def _load_timing_cache(config, path):
+    data = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    config.set_timing_cache(cache, ignore_mismatch=True)
+    return cache
+
+
+def _save_timing_cache(config, cache, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, bytes(config.get_timing_cache().serialize()))

@@ -1,0 +1,299 @@
+"""Does the deployed model compute what PyTorch computes? Raw outputs, detected boxes and speed, per backend.
+
+    python -m export parity --weights best.pt --onnx runs/export/best/best.onnx [--engine E] [--bench 30]
+
+PyTorch (the loaded reference model) is the truth. Every backend sees the same letterboxed images
+(ultralytics' preprocessing) and the same NMS (ultralytics'). Usable alone or from the main job.
+"""
+
+import argparse
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+CONF, IOU_NMS, TOP_ANCHORS = 0.25, 0.7, 100
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    rel_max_abs: float  # max |backend - torch| / max |torch|
+    cosine: float
+    box_recall: float
+    box_precision: float
+
+
+THRESHOLDS = {"fp32": Thresholds(1e-4, 0.99999, 0.99, 0.99), "fp16": Thresholds(2e-2, 0.999, 0.95, 0.95)}
+
+
+# ---- runners: images (B,3,H,W) float32 numpy -> (B, 4+nc, anchors) float32 numpy -------------------
+class TorchRunner:
+    name = "torch"
+
+    def __init__(self, model):
+        self.model = model.eval()
+
+    def __call__(self, images):
+        with torch.no_grad():
+            y = self.model(torch.from_numpy(images))
+        return (y[0] if isinstance(y, (list, tuple)) else y).float().numpy()
+
+
+class OrtRunner:
+    name = "onnxruntime"
+
+    def __init__(self, path, threads=None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()  # same threads as torch
+        available = ort.get_available_providers()
+        providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+        self.session = ort.InferenceSession(str(path), options, providers=providers + ["CPUExecutionProvider"])
+        self.providers = self.session.get_providers()
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, images):
+        return self.session.run(None, {self.input: images})[0].astype(np.float32)
+
+
+class TrtRunner:
+    """A TensorRT engine run through the `tensorrt` (or `tensorrt_rtx`) runtime on a CUDA device."""
+
+    name = "tensorrt"
+
+    def __init__(self, path, trt):
+        logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(Path(path).read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"{path}: TensorRT could not deserialize the engine")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+
+    def __call__(self, images):
+        x = torch.from_numpy(images).cuda().contiguous()
+        self.context.set_input_shape("images", tuple(x.shape))
+        y = torch.empty(tuple(self.context.get_tensor_shape("output0")), dtype=torch.float32, device="cuda")
+        self.context.set_tensor_address("images", x.data_ptr())
+        self.context.set_tensor_address("output0", y.data_ptr())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        self.stream.synchronize()
+        return y.cpu().numpy()
+
+
+def engine_runtime():
+    """(trt module, None) when an engine can run here, else (None, reason)."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA GPU on this machine: the engine was built but cannot be run here"
+    for name in ("tensorrt", "tensorrt_rtx"):
+        try:
+            return __import__(name), None
+        except ImportError:
+            continue
+    return None, "neither tensorrt nor tensorrt_rtx is installed"
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+def raw_metrics(ref, out):
+    diff = np.abs(out.astype(np.float64) - ref)
+    scale = float(np.abs(ref).max()) or 1.0
+    a, b = ref.ravel().astype(np.float64), out.ravel().astype(np.float64)
+    cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "rel_max_abs": float(diff.max()) / scale,
+            "cosine": cosine, "top_anchor_max_rel": _top_anchor_rel(ref, out), "finite": bool(np.isfinite(out).all())}
+
+
+def _top_anchor_rel(ref, out):
+    """Max relative error of box coordinates and best score over each image's top-scoring anchors."""
+    worst = 0.0
+    for r, o in zip(ref, out):  # (4+nc, anchors)
+        scores = r[4:].max(0)
+        top = np.argsort(-scores)[:TOP_ANCHORS]
+        rv = np.concatenate([r[:4, top], scores[None, top]])
+        ov = np.concatenate([o[:4, top], o[4:, top][r[4:, top].argmax(0), np.arange(len(top))][None]])
+        worst = max(worst, float((np.abs(ov - rv) / np.maximum(np.abs(rv), 1e-3)).max()))
+    return worst
+
+
+def detections(pred):
+    from ultralytics.utils.nms import non_max_suppression
+
+    return [d.numpy() for d in non_max_suppression(torch.from_numpy(pred), CONF, IOU_NMS)]
+
+
+def box_metrics(ref_dets, dets):
+    """PyTorch's detections as ground truth: recall, precision, mean IoU of matches (same class, IoU >= 0.5), mAP50-95."""
+    from ultralytics.utils.metrics import ap_per_class, box_iou
+
+    matched = n_ref = n_det = 0
+    ious, tps, confs, pred_cls, target_cls = [], [], [], [], []
+    for gt, det in zip(ref_dets, dets):
+        n_ref, n_det = n_ref + len(gt), n_det + len(det)
+        target_cls.append(gt[:, 5])
+        if not len(det):
+            continue
+        iou = box_iou(torch.from_numpy(gt[:, :4]), torch.from_numpy(det[:, :4])).numpy() if len(gt) else \
+            np.zeros((0, len(det)))
+        iou = iou * (gt[:, 5:6] == det[None, :, 5])
+        tp = np.stack([_greedy_match(iou, t) for t in IOU_THRESHOLDS], 1)
+        half = _greedy_match(iou, 0.5, return_ious=True)
+        matched += len(half)
+        ious.extend(half)
+        tps.append(tp)
+        confs.append(det[:, 4])
+        pred_cls.append(det[:, 5])
+    recall = matched / n_ref if n_ref else 1.0
+    precision = matched / n_det if n_det else 1.0
+    if n_ref and tps:
+        ap = ap_per_class(np.concatenate(tps), np.concatenate(confs), np.concatenate(pred_cls),
+                          np.concatenate(target_cls))[5]
+        map50_95 = float(ap.mean())
+    else:
+        map50_95 = 1.0 if n_ref == n_det == 0 else 0.0
+    return {"detections_torch": n_ref, "detections": n_det, "box_recall": recall, "box_precision": precision,
+            "mean_iou": float(np.mean(ious)) if ious else (1.0 if n_ref == n_det == 0 else 0.0), "map50_95": map50_95}
+
+
+def _greedy_match(iou, threshold, return_ious=False):
+    """Match each ground truth to at most one detection, best IoU first; tp flags per detection (or matched IoUs)."""
+    tp = np.zeros(iou.shape[1], bool)
+    used_gt, used_det, matched = set(), set(), []
+    for g, d in sorted(zip(*np.nonzero(iou >= threshold)), key=lambda gd: -iou[gd]):
+        if g not in used_gt and d not in used_det:
+            used_gt.add(g), used_det.add(d)
+            tp[d] = True
+            matched.append(float(iou[g, d]))
+    return matched if return_ious else tp
+
+
+def compare(reference, runner, images, precision, batch=1):
+    """Parity of `runner` against `reference` (both runners) on images: metrics and pass/fail."""
+    ref, out = _run_all(reference, images, batch), _run_all(runner, images, batch)
+    result = raw_metrics(ref, out)
+    result.update(box_metrics(detections(ref), detections(out)))
+    limits = THRESHOLDS[precision]
+    result["pass"] = bool(result["finite"] and result["rel_max_abs"] <= limits.rel_max_abs
+                          and result["cosine"] >= limits.cosine and result["box_recall"] >= limits.box_recall
+                          and result["box_precision"] >= limits.box_precision)
+    result["thresholds"] = limits.__dict__
+    result["abs_diff_sample"] = np.abs(out - ref).ravel()[:: max(1, out.size // 20000)].tolist()
+    return result
+
+
+def _run_all(runner, images, batch):
+    outs = [runner(images[i:i + batch]) for i in range(0, len(images) - batch + 1, batch)]
+    return np.concatenate(outs)
+
+
+def bench(runner, images, iterations, warmup=5):
+    """p50/p90 latency (ms) and images/s of one call on `images` (a batch), after warm-up."""
+    for _ in range(warmup):
+        runner(images)
+    times = []
+    for _ in tqdm(range(iterations), desc=f"bench {runner.name}", leave=False):
+        start = time.perf_counter()
+        runner(images)
+        times.append((time.perf_counter() - start) * 1000)
+    p50, p90 = float(np.percentile(times, 50)), float(np.percentile(times, 90))
+    return {"p50_ms": p50, "p90_ms": p90, "images_per_s": len(images) * 1000 / p50, "iterations": iterations}
+
+
+# ---- localisation: which attention block diverges first ------------------------------------------------
+def localize(reference_model, twin, loaded, imgsz, images, half, tmpdir, precision):
+    """Export the twin with every attention block's output as an extra ONNX output; name the first block whose
+    ONNX Runtime output diverges from the PyTorch reference's. Returns (name or None, per-block rel errors)."""
+    from export.rewrite import outermost_family_modules
+    from export.to_onnx import trace
+
+    names = outermost_family_modules(reference_model)
+    twin = copy.deepcopy(twin)
+    probe = _BlockTap(twin.half() if half else twin.float(), names, half)
+    proto = trace(probe, torch.from_numpy(images[:1]), input_names=["images"], output_names=["output0", *names])
+    path = Path(tmpdir) / "localize.onnx"
+    path.write_bytes(proto.SerializeToString())
+    outs = OrtRunner(path).session.run(None, {"images": images[:1]})[1:]
+    expected = _BlockTap(reference_model, names, False)(torch.from_numpy(images[:1]))[1:]
+    limit = THRESHOLDS[precision].rel_max_abs
+    errors = {}
+    for name, got, exp in zip(names, outs, expected):
+        exp = exp.detach().float().numpy()
+        errors[name] = float(np.abs(got.astype(np.float64) - exp).max() / (np.abs(exp).max() or 1.0))
+    first = next((n for n in names if not np.isfinite(errors[n]) or errors[n] > limit), None)
+    return first, errors
+
+
+class _BlockTap(torch.nn.Module):
+    """The model, returning its output followed by each named block's output."""
+
+    def __init__(self, model, names, half):
+        super().__init__()
+        self.model, self.names, self.half = model, names, half
+
+    def forward(self, images):
+        captured = {}
+        hooks = [self.model.get_submodule(n).register_forward_hook(
+            lambda m, a, out, n=n: captured.setdefault(n, out)) for n in self.names]
+        try:
+            with torch.no_grad():
+                y = self.model(images.half() if self.half else images)
+        finally:
+            for h in hooks:
+                h.remove()
+        y = y[0] if isinstance(y, (list, tuple)) else y
+        return (y.float(), *(captured[n].float() for n in self.names))
+
+
+# ---- standalone entry: python -m export parity ---------------------------------------------------------
+def main(argv=None):
+    import json
+
+    from export.cli import read_images, tile
+    from export.load import load
+
+    p = argparse.ArgumentParser(prog="python -m export parity", description="Compare ONNX/TensorRT with PyTorch.")
+    p.add_argument("--weights", type=Path, required=True)
+    p.add_argument("--onnx", type=Path, required=True)
+    p.add_argument("--engine", type=Path, default=None)
+    p.add_argument("--images", type=Path, default=None)
+    p.add_argument("--bench", type=int, default=0)
+    args = p.parse_args(argv)
+    import onnx
+
+    import models
+    from models import fla
+
+    meta = {e.key: e.value for e in onnx.load(str(args.onnx), load_external_data=False).metadata_props}
+    imgsz = tuple(eval_list(meta.get("imgsz", "[640, 640]")))
+    precision = "fp16" if "half': True" in meta.get("args", "") else "fp32"
+    loaded = load(args.weights)
+    batch = int(meta.get("batch", 1))
+    images = tile(read_images(args.images or models.DEMO_DIR / "images", imgsz), batch)
+    runners = {"onnxruntime": OrtRunner(args.onnx)}
+    results = {}
+    if args.engine:
+        trt, reason = engine_runtime()
+        if trt:
+            runners["tensorrt"] = TrtRunner(args.engine, trt)
+        else:
+            results["tensorrt"] = {"skipped": reason}
+    reference = TorchRunner(fla.defined_at(loaded.model, *imgsz))
+    for backend, runner in runners.items():
+        results[backend] = compare(reference, runner, images, precision, batch)
+        results[backend].pop("abs_diff_sample")
+    if args.bench:
+        results["speed"] = {"torch": bench(reference, images[:batch], args.bench)}
+        results["speed"].update({b: bench(r, images[:batch], args.bench) for b, r in runners.items()})
+    print(json.dumps(results, indent=2))
+    return 0 if all(r.get("pass", True) for r in results.values()) else 4
+
+
+def eval_list(text):
+    import ast
+
+    return ast.literal_eval(text)
