@@ -26,6 +26,7 @@ from models import fla
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_PARITY_FAILED = 0, 2, 3, 4
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+MAX_IMAGES = 32  # parity and probe use at most this many images of --images (sorted by name)
 
 
 class UsageError(CheckpointError):
@@ -52,7 +53,7 @@ def parser():
     p.add_argument("--workspace", type=float, default=4.0, help="TensorRT workspace limit, GiB")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/export/<weights stem>/)")
     p.add_argument("--images", type=Path, default=models.DEMO_DIR / "images",
-                   help="images for the probe and parity runs (default: the shipped samples)")
+                   help=f"images for the probe and parity runs, the first {MAX_IMAGES} by name (default: the shipped samples)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity harness")
     p.add_argument("--bench", type=int, default=0, metavar="N", help="timed iterations per backend (0: no benchmark)")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
@@ -99,12 +100,7 @@ def run(args):
     _say(f"lint: {lint_summary(findings)}")
     for f in findings:
         _say(f"  {f['severity']}: {f['message']} ({f['node']})")
-    report = {"weights": str(args.weights), "onnx": str(onnx_path), "engine": None, "imgsz": list(imgsz),
-              "batch": args.batch, "dynamic": args.dynamic, "precision": precision, "lint": findings,
-              "modules": [c.as_dict() for c in checks], "parity": {}, "speed": {}, "notes": _notes(checks),
-              "checkpoint": {"source": loaded.source, "saved_half": loaded.saved_half, "remapped": loaded.remapped,
-                             "names": loaded.names, "nc": loaded.nc, "stride": loaded.stride,
-                             "train_imgsz": loaded.imgsz}}
+    report = _new_report(args, loaded, onnx_path, imgsz, precision, findings, checks)
     if args.engine:
         engine_path = out / f"{args.weights.stem}{'_fp16' if precision == 'fp16' else ''}.engine"
         info = _stage("TensorRT build", lambda: build_engine(
@@ -116,7 +112,7 @@ def run(args):
     batch_images = tile(images, args.batch)
     runners = _runners(loaded, twin, imgsz, onnx_path, report.get("engine"), report)
     if not args.no_parity:
-        _parity(report, runners, batch_images, precision, args.batch, loaded, twin, imgsz, out)
+        _parity(report, runners, batch_images, precision, args.batch, twin, imgsz)
     if args.bench:
         _bench(report, runners, batch_images[:args.batch], args.bench)
     failed = [b for b, r in report["parity"].items() if r.get("pass") is False]
@@ -126,6 +122,15 @@ def run(args):
     if failed:
         print(f"error: parity failed for {', '.join(failed)} (see {out / 'report.md'})", file=sys.stderr)
     return report["exit_code"]
+
+
+def _new_report(args, loaded, onnx_path, imgsz, precision, findings, checks):
+    return {"weights": str(args.weights), "onnx": str(onnx_path), "engine": None, "imgsz": list(imgsz),
+            "batch": args.batch, "dynamic": args.dynamic, "precision": precision, "lint": findings,
+            "modules": [c.as_dict() for c in checks], "parity": {}, "speed": {}, "notes": _notes(checks),
+            "checkpoint": {"source": loaded.source, "saved_half": loaded.saved_half, "remapped": loaded.remapped,
+                           "names": loaded.names, "nc": loaded.nc, "stride": loaded.stride,
+                           "train_imgsz": loaded.imgsz}}
 
 
 def _say(text):
@@ -173,7 +178,7 @@ def _runners(loaded, twin, imgsz, onnx_path, engine_path, report):
     return runners
 
 
-def _parity(report, runners, images, precision, batch, loaded, twin, imgsz, out):
+def _parity(report, runners, images, precision, batch, twin, imgsz):
     reference = runners["reference"]
     for backend in tqdm([b for b in runners if b != "reference"], desc="parity", leave=False):
         wanted = "fp32" if backend == "torch" else precision
@@ -183,7 +188,7 @@ def _parity(report, runners, images, precision, batch, loaded, twin, imgsz, out)
              f", precision {r['box_precision']:.3f}, mAP50-95 {r['map50_95']:.3f} -> {'pass' if r['pass'] else 'FAIL'}")
     if report["parity"].get("onnxruntime", {}).get("pass") is False:
         with tempfile.TemporaryDirectory() as tmp:
-            first, errors = localize(reference.model, twin, loaded, imgsz, images, precision == "fp16", tmp, precision)
+            first, errors = localize(reference.model, twin, images, precision == "fp16", tmp, precision)
         report["localization"] = {"backend": "onnxruntime", "first_divergent_block": first, "block_errors": errors}
         _say(f"localization: first diverging block in ONNX Runtime: {first}")
 
@@ -217,7 +222,8 @@ def read_images(folder, imgsz):
     from ultralytics.data.augment import LetterBox
 
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_IMAGES] \
+        if folder.is_dir() else []
     if not files:
         raise UsageError(f"--images {folder}: no images found (.jpg/.png/...); pass a folder of sample images")
     boxes = [LetterBox(imgsz, auto=False)(image=img) for img in (cv2.imread(str(p)) for p in files) if img is not None]

@@ -205,7 +205,7 @@ def bench(runner, images, iterations, warmup=5):
 
 
 # ---- localisation: which attention block diverges first ------------------------------------------------
-def localize(reference_model, twin, loaded, imgsz, images, half, tmpdir, precision):
+def localize(reference_model, twin, images, half, tmpdir, precision):
     """Export the twin with every attention block's output as an extra ONNX output; name the first block whose
     ONNX Runtime output diverges from the PyTorch reference's. Returns (name or None, per-block rel errors)."""
     from export.rewrite import outermost_family_modules
