@@ -8,7 +8,7 @@ RTX (`tensorrt_rtx`), which parses and builds ahead of time on a CPU-only host. 
   types, so the fp16 ONNX with its explicit fp32 islands is built as is;
 - TensorRT < 10.12 (Jetson): the same fp16 ONNX with the FP16 builder flag, and every layer the ONNX
   types as fp32 pinned to fp32 (OBEY_PRECISION_CONSTRAINTS), so the islands survive.
-The timing cache is a file reused across builds; the engine's metadata is a JSON file beside it
+The timing cache (full TensorRT) is a file reused across builds; the engine's metadata is a JSON file beside it
 (not prepended to the engine, so trtexec loads the engine as is).
 """
 
@@ -56,8 +56,9 @@ def _version(trt):
 
 
 def build_engine(onnx_path, engine_path, half, imgsz, batch=1, dynamic=False, workspace_gib=4.0, cache_path=None,
-                 metadata=None):
+                 metadata=None, plugins=False):
     trt, flavour = backend()
+    plugin_note = _register_plugins(flavour) if plugins else None
     strongly_typed = flavour == "tensorrt_rtx" or _version(trt) >= STRONGLY_TYPED_SINCE
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -73,21 +74,34 @@ def build_engine(onnx_path, engine_path, half, imgsz, batch=1, dynamic=False, wo
     profile = _profile(trt, builder, network, imgsz, batch, dynamic)
     if profile is not None:
         config.add_optimization_profile(profile)
-    cache_path = Path(cache_path or DEFAULT_CACHE)
-    cache = _load_timing_cache(config, cache_path)
+    # TensorRT-RTX has no timing cache (its cache calls are no-ops, and reading a file makes it log CUDA errors).
+    cache_path = Path(cache_path or DEFAULT_CACHE) if flavour == "tensorrt" else None
+    cache = _load_timing_cache(config, cache_path) if cache_path else None
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildFailed(f"TensorRT could not build an engine from {onnx_path.name} (see the log above)")
     seconds = time.perf_counter() - start
-    _save_timing_cache(config, cache, cache_path)
+    if cache_path:
+        _save_timing_cache(config, cache, cache_path)
     info = {"backend": flavour, "tensorrt_version": trt.__version__, "strongly_typed": strongly_typed,
             "precision": "fp16" if half else "fp32", "build_s": round(seconds, 2), "bytes": serialized.nbytes,
-            "timing_cache": str(cache_path), "dynamic": dynamic,
-            "profile": _profile_shapes(imgsz, batch) if dynamic else None}
+            "timing_cache": str(cache_path) if cache_path else "none (TensorRT-RTX has no timing cache)",
+            "dynamic": dynamic,
+            "profile": _profile_shapes(imgsz, batch) if dynamic else None,
+            "plugins": plugin_note or ("registered: TensorRT runs yolo_attn plugins" if plugins else None)}
     atomic_write(Path(engine_path), bytes(serialized))
     atomic_write(Path(f"{engine_path}.json"), json.dumps({**(metadata or {}), "engine": info}, indent=2).encode())
     return info
+
+
+def _register_plugins(flavour):
+    """Register our plugins before parsing (full TensorRT only); else say that the local functions are inlined."""
+    if flavour != "tensorrt":
+        return "TensorRT for RTX: its parser inlines the yolo_attn ops' local functions (no plugins registered)"
+    import plugins
+
+    return plugins.register_tensorrt()
 
 
 def _network_flags(trt, flavour, strongly_typed):

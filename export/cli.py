@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 import models
+import plugins
 from export.build import BuildFailed, BuildUnavailable, build_engine
 from export.lint import lint
 from export.lint import summary as lint_summary
@@ -51,6 +52,9 @@ def parser():
     p.add_argument("--engine", choices=("fp32", "fp16"), default=None,
                    help="build a TensorRT engine (fp16 builds from the fp16 ONNX)")
     p.add_argument("--workspace", type=float, default=4.0, help="TensorRT workspace limit, GiB")
+    p.add_argument("--plugins", action="store_true",
+                   help="emit STA unfold/fold and the S2 shift as yolo_attn custom ops backed by local ONNX functions "
+                        "(TensorRT >= 10.7 runs our plugins for them when `tensorrt` is present)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/export/<weights stem>/)")
     p.add_argument("--images", type=Path, default=models.DEMO_DIR / "images",
                    help=f"images for the probe and parity runs, the first {MAX_IMAGES} by name (default: the shipped samples)")
@@ -87,6 +91,7 @@ def run(args):
     _say(f"loaded {args.weights} ({loaded.source}, {'fp16' if loaded.saved_half else 'fp32'} weights, {loaded.nc} "
          f"classes)" + (f"; remapped {len(loaded.remapped)} fork classes" if loaded.remapped else ""))
     twin, checks = rewrite(loaded.model, imgsz, images=images[:1])
+    plugin_blocks = plugins.apply(twin) if args.plugins else 0
     for c in checks:
         _say(f"  {c.name}: {c.reference} -> {c.twin}, max abs diff {c.max_abs:.3g} ({c.rel:.2g} of scale)"
              + (f"; note: {c.note}" if c.note else ""))
@@ -101,11 +106,16 @@ def run(args):
     for f in findings:
         _say(f"  {f['severity']}: {f['message']} ({f['node']})")
     report = _new_report(args, loaded, onnx_path, imgsz, precision, findings, checks)
+    if args.plugins:
+        report["plugins"] = _plugin_summary(proto, plugin_blocks)
+        _say(f"plugins: {report['plugins']['nodes']} custom-op nodes in {plugin_blocks} blocks, backed by local "
+             f"functions {report['plugins']['functions']}")
     if args.engine:
         engine_path = out / f"{args.weights.stem}{'_fp16' if precision == 'fp16' else ''}.engine"
         info = _stage("TensorRT build", lambda: build_engine(
             onnx_path, engine_path, half=precision == "fp16", imgsz=imgsz, batch=args.batch, dynamic=args.dynamic,
-            workspace_gib=args.workspace, metadata=_engine_metadata(loaded, imgsz, args, precision)))
+            workspace_gib=args.workspace, metadata=_engine_metadata(loaded, imgsz, args, precision),
+            plugins=args.plugins))
         report["engine"], report["engine_build"] = str(engine_path), info
         _say(f"wrote {engine_path} ({info['backend']} {info['tensorrt_version']}, {info['build_s']} s) "
              f"and {engine_path.name}.json")
@@ -122,6 +132,12 @@ def run(args):
     if failed:
         print(f"error: parity failed for {', '.join(failed)} (see {out / 'report.md'})", file=sys.stderr)
     return report["exit_code"]
+
+
+def _plugin_summary(proto, blocks):
+    nodes = [n.op_type for n in proto.graph.node if n.domain == plugins.DOMAIN]
+    return {"blocks": blocks, "nodes": len(nodes), "ops": {op: nodes.count(op) for op in sorted(set(nodes))},
+            "functions": sorted(f.name for f in proto.functions)}
 
 
 def _new_report(args, loaded, onnx_path, imgsz, precision, findings, checks):

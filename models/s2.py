@@ -112,10 +112,14 @@ class S2AttentionExport(S2Attention):
     def forward(self, x):
         c = x.shape[1]
         y = self.mlp1(x.permute(0, 2, 3, 1))
-        x1 = shift_clean(y[..., :c], SHIFT1)
-        x2 = shift_clean(y[..., c:2 * c], SHIFT2)
+        x1 = self._shift(y[..., :c], 1)
+        x2 = self._shift(y[..., c:2 * c], 2)
         x3 = y[..., 2 * c:]
         return self.mlp2(_split_attend(self.split_attention, (x1, x2, x3))).permute(0, 3, 1, 2)
+
+    def _shift(self, t, direction):
+        """The clean shift of a channels-last map; `direction` 1 or 2 as spatial_shift1 / spatial_shift2."""
+        return shift_clean(t, SHIFT1 if direction == 1 else SHIFT2)
 
 
 def _split_attend(sa, branches):

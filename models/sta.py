@@ -167,20 +167,29 @@ class StokenAttentionExport(StokenAttention):
         pixels = x.float().reshape(B, C, hh, h, ww, w).permute(0, 2, 4, 3, 5, 1).reshape(B, hh * ww, h * w, C)
         stokens = F.avg_pool2d(x.float(), (h, w), (h, w))
         for _ in range(self.n_iter):
-            affinity = (pixels @ _neighbours(stokens) * self.scale).softmax(-1)
-            affinity_sum = stoken_fold(affinity.sum(2).transpose(1, 2).reshape(B, 9, hh, ww))
+            affinity = (pixels @ self._neighbours(stokens) * self.scale).softmax(-1)
+            affinity_sum = self._fold(affinity.sum(2).transpose(1, 2).reshape(B, 1, 9, hh, ww))
             gathered = (pixels.transpose(-1, -2) @ affinity).permute(0, 2, 3, 1).reshape(B, C, 9, hh, ww)
-            stokens = stoken_fold(gathered) / (affinity_sum.unsqueeze(1) + 1e-12)
+            stokens = self._fold(gathered) / (affinity_sum + 1e-12)
         refined = self.stoken_refine(stokens.to(x.dtype)).float()
-        out = _neighbours(refined) @ affinity.transpose(-1, -2)
+        out = self._neighbours(refined) @ affinity.transpose(-1, -2)
         out = out.reshape(B, hh, ww, C, h, w).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
         return out[:, :, :H0, :W0].to(x.dtype)
 
+    def _neighbours(self, stokens):
+        """(B, C, hh, ww) -> (B, hh*ww, C, 9): each super token's 3x3 neighbourhood."""
+        B, C = stokens.shape[:2]
+        return self._unfold(stokens).flatten(3).permute(0, 3, 1, 2).reshape(B, -1, C, 9)
 
-def _neighbours(stokens):
-    """(B, C, hh, ww) -> (B, hh*ww, C, 9): each super token's 3x3 neighbourhood."""
-    B, C = stokens.shape[:2]
-    return stoken_unfold(stokens).flatten(3).permute(0, 3, 1, 2).reshape(B, -1, C, 9)
+    def _unfold(self, s):
+        """(B, C, hh, ww) -> (B, C, 9, hh, ww)."""
+        return stoken_unfold(s)
+
+    def _fold(self, t):
+        """(B, C, 9, hh, ww) -> (B, C, hh, ww)."""
+        return stoken_fold(t)
+
+
 
 
 EXPORT_TWINS = {StokenAttention: StokenAttentionExport, StAttention: StAttentionExport}

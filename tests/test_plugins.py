@@ -1,0 +1,148 @@
+"""Custom ops: ONNX function bodies and Triton kernels vs torch references; plugin-bearing exports vs plain ones."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import models
+import plugins
+from export.cli import main
+from models import s2, sta
+from plugins import DOMAIN, s2_shift, sta_fold
+
+REPO = Path(__file__).resolve().parents[1]
+S2_SHAPES = [(2, 5, 7, 30), (1, 1, 1, 4), (1, 3, 1, 7), (1, 6, 6, 64)]
+GRIDS = [(2, 3, 4, 5), (1, 2, 1, 1), (1, 1, 3, 2), (2, 8, 5, 5)]
+
+
+def _single_op_model(op, rank, out_rank, attrs=None):
+    """A graph of one yolo_attn node, its local functions attached: what ORT / TensorRT's parser see."""
+    node = helper.make_node(op, ["x"], ["y"], domain=DOMAIN, **(attrs or {}))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None] * rank)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * out_rank)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    plugins.attach_functions(model)
+    onnx.checker.check_model(model)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("direction", [1, 2])
+def test_s2shift_body_matches_reference(direction):
+    session = _single_op_model("S2Shift", 4, 4, {"direction": direction, "perm": s2_shift.PERM[direction]})
+    for shape in S2_SHAPES:
+        x = torch.randn(*shape)
+        (y,) = session.run(None, {"x": x.numpy()})
+        assert np.array_equal(y, s2_shift.reference(x, direction).numpy()), shape
+
+
+def test_stoken_bodies_match_references():
+    unfold, fold = _single_op_model("StokenUnfold", 4, 5), _single_op_model("StokenFold", 5, 4)
+    for shape in GRIDS:
+        s, t = torch.randn(*shape), torch.randn(*shape[:2], 9, *shape[2:])
+        assert np.array_equal(unfold.run(None, {"x": s.numpy()})[0], sta_fold.reference_unfold(s).numpy()), shape
+        assert np.allclose(fold.run(None, {"x": t.numpy()})[0], sta_fold.reference_fold(t).numpy(), atol=1e-6), shape
+
+
+def test_export_twin_forms_match_plugin_references():
+    """The twins' own decompositions (no plugins) compute the ops the plugins implement."""
+    for shape in S2_SHAPES:
+        x = torch.randn(*shape)
+        assert torch.equal(s2.shift_clean(x, s2.SHIFT1), s2_shift.reference(x, 1))
+        assert torch.equal(s2.shift_clean(x, s2.SHIFT2), s2_shift.reference(x, 2))
+    for shape in GRIDS:
+        s, t = torch.randn(*shape), torch.randn(*shape[:2], 9, *shape[2:])
+        assert torch.equal(sta.stoken_unfold(s), sta_fold.reference_unfold(s))
+        assert torch.allclose(sta.stoken_fold(t), sta_fold.reference_fold(t), atol=1e-6)
+
+
+KERNEL_CHECK = """
+import torch
+from plugins.s2_shift import kernel as k, reference
+from plugins.sta_fold import kernel as kk, reference_unfold, reference_fold
+for shape in {s2_shapes}:
+    x = torch.randn(*shape)
+    for d in (1, 2):
+        y = torch.empty_like(x); k.launch(x, y, d)
+        assert torch.equal(y, reference(x, d)), (shape, d)
+for shape in {grids}:
+    s = torch.randn(*shape); y = s.new_empty(*shape[:2], 9, *shape[2:]); kk.launch_unfold(s, y)
+    assert torch.equal(y, reference_unfold(s)), shape
+    t = torch.randn(*shape[:2], 9, *shape[2:]); y = s.new_empty(*shape); kk.launch_fold(t, y)
+    assert torch.allclose(y, reference_fold(t), atol=1e-6), shape
+print("ok")
+"""
+
+
+def test_triton_kernels_match_references_in_the_interpreter():
+    """The kernels' logic, run by Triton's CPU interpreter (TRITON_INTERPRET=1): no GPU needed."""
+    code = KERNEL_CHECK.format(s2_shapes=S2_SHAPES, grids=GRIDS)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_triton_kernels_compile_to_ptx(dtype):
+    """What the AOT plugins embed: PTX for sm_80, compiled on this host without a GPU."""
+    from plugins.s2_shift import kernel as s2_kernel
+    from plugins.sta_fold import kernel as sta_kernel
+
+    for compiled in (s2_kernel.ptx(dtype, 1), s2_kernel.ptx(dtype, 2), sta_kernel.ptx(sta_kernel.unfold_kernel, dtype),
+                     sta_kernel.ptx(sta_kernel.fold_kernel, dtype)):
+        assert ".entry" in compiled.asm["ptx"] and compiled.metadata.num_warps > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_kernels_on_gpu_match_references():
+    from plugins.s2_shift.kernel import s2_shift_cuda
+    from plugins.sta_fold.kernel import fold_cuda, unfold_cuda
+
+    for shape in S2_SHAPES:
+        x = torch.randn(*shape, device="cuda")
+        for d in (1, 2):
+            assert torch.equal(s2_shift_cuda(x, d), s2_shift.reference(x, d))
+    for shape in GRIDS:
+        s, t = torch.randn(*shape, device="cuda"), torch.randn(*shape[:2], 9, *shape[2:], device="cuda")
+        assert torch.equal(unfold_cuda(s), sta_fold.reference_unfold(s))
+        assert torch.allclose(fold_cuda(t), sta_fold.reference_fold(t), atol=1e-5)
+
+
+def test_tensorrt_plugins_register():
+    pytest.importorskip("tensorrt.plugin", reason="full TensorRT >= 10.7 not installed (not installable here)")
+    assert plugins.register_tensorrt() is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sta", "s2"])
+def test_plugin_export_matches_plain_export(family, tmp_path):
+    weights = models.demo_checkpoint(family)
+    plain, plug = tmp_path / "plain", tmp_path / "plug"
+    assert main(["--weights", str(weights), "--out", str(plain), "--no-parity", "--dynamic"]) == 0
+    engine = ["--engine", "fp32"] if __import__("importlib").util.find_spec("tensorrt_rtx") else []
+    assert main(["--weights", str(weights), "--out", str(plug), "--plugins", "--dynamic", *engine]) == 0
+    onnx_name = f"{weights.stem}.onnx"
+    proto = onnx.load(str(plug / onnx_name))
+    custom = [n.op_type for n in proto.graph.node if n.domain == DOMAIN]
+    expected_ops = {"sta": {"StokenUnfold", "StokenFold"}, "s2": {"S2Shift"}}[family]
+    assert set(custom) == expected_ops and {f.name for f in proto.functions} == expected_ops
+    assert len(custom) == {"sta": 4, "s2": 2}[family]  # one node per op instance: STA 2 unfold + 2 fold, S2 2 shifts
+    sessions = [ort.InferenceSession(str(d / onnx_name), providers=["CPUExecutionProvider"]) for d in (plain, plug)]
+    for shape in [(1, 3, 256, 256), (2, 3, 192, 320)]:
+        x = np.random.rand(*shape).astype(np.float32)
+        a, b = (s.run(None, {"images": x})[0] for s in sessions)
+        assert np.allclose(a, b, rtol=1e-4, atol=1e-3)
+    import json
+
+    report = json.loads((plug / "report.json").read_text())
+    assert report["parity"]["onnxruntime"]["pass"] and report["plugins"]["nodes"] == len(custom)
+    if engine:
+        assert Path(report["engine"]).stat().st_size > 0
