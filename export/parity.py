@@ -237,8 +237,13 @@ class _BlockTap(torch.nn.Module):
 
     def forward(self, images):
         captured = {}
-        hooks = [self.model.get_submodule(n).register_forward_hook(
-            lambda m, a, out, n=n: captured.setdefault(n, out)) for n in self.names]
+
+        def keep(name):
+            def hook(module, args, out):  # returns None: a hook's return value would replace the output
+                captured.setdefault(name, out)
+            return hook
+
+        hooks = [self.model.get_submodule(n).register_forward_hook(keep(n)) for n in self.names]
         try:
             with torch.no_grad():
                 y = self.model(images.half() if self.half else images)

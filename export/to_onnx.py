@@ -22,7 +22,7 @@ MAX_IR_VERSION = 10
 
 def trace(module, example, opset=17, input_names=("x",), output_names=("y",), dynamic_axes=None):
     """Trace `module` on `example` (a tensor or tuple) into a ModelProto (custom yolo_attn ops get their functions)."""
-    from plugins import DOMAIN, attach_functions
+    from plugins import attach_functions
 
     example = example if isinstance(example, tuple) else (example,)
     with tempfile.TemporaryDirectory() as tmp:
@@ -34,7 +34,7 @@ def trace(module, example, opset=17, input_names=("x",), output_names=("y",), dy
             # The TorchScript-based exporter: the dynamo one needs onnxscript and gains nothing here.
             torch.onnx.export(module, example, str(raw), dynamo=False, opset_version=opset,
                               input_names=list(input_names), output_names=list(output_names),
-                              dynamic_axes=dynamic_axes, do_constant_folding=True, custom_opsets={DOMAIN: 1})
+                              dynamic_axes=dynamic_axes, do_constant_folding=True)
         return attach_functions(onnx.load(str(raw)))
 
 

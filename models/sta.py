@@ -182,12 +182,30 @@ class StokenAttentionExport(StokenAttention):
         return self._unfold(stokens).flatten(3).permute(0, 3, 1, 2).reshape(B, -1, C, 9)
 
     def _unfold(self, s):
-        """(B, C, hh, ww) -> (B, C, 9, hh, ww)."""
-        return stoken_unfold(s)
+        """(B, C, hh, ww) -> (B, C, 9, hh, ww): slices when the bank is the identity, else the trained bank."""
+        return stoken_unfold(s) if is_identity_bank(self.unfold.weights) else bank_unfold(s, self.unfold.weights)
 
     def _fold(self, t):
-        """(B, C, 9, hh, ww) -> (B, C, hh, ww)."""
-        return stoken_fold(t)
+        """(B, C, 9, hh, ww) -> (B, C, hh, ww): shifted adds when the bank is the identity, else the trained bank."""
+        return stoken_fold(t) if is_identity_bank(self.fold.weights) else bank_fold(t, self.fold.weights)
+
+
+def is_identity_bank(weights):
+    """Is this Unfold/Fold bank still the 3x3 identity? ultralytics' trainer resets requires_grad=True on frozen
+    parameters, so banks of STA models trained there drift; then only the conv-bank form is exact."""
+    return torch.equal(weights, torch.eye(9, dtype=weights.dtype, device=weights.device).reshape(9, 1, 3, 3))
+
+
+def bank_unfold(s, weights):
+    """The seed's unfold with whatever bank it holds: Conv over (B*C, 1, hh, ww) (TensorRT imports Conv)."""
+    b, c, hh, ww = s.shape
+    return F.conv2d(s.reshape(-1, 1, hh, ww), weights.to(s.dtype), padding=1).reshape(b, c, 9, hh, ww)
+
+
+def bank_fold(t, weights):
+    """The seed's fold with whatever bank it holds: ConvTranspose (TensorRT imports it; F.fold's Col2Im it does not)."""
+    b, c, _, hh, ww = t.shape
+    return F.conv_transpose2d(t.reshape(-1, 9, hh, ww), weights.to(t.dtype), padding=1).reshape(b, c, hh, ww)
 
 
 

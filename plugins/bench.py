@@ -32,6 +32,9 @@ class _Fn(torch.nn.Module):
         return self.fn(x)
 
 
+EYE = torch.eye(9).reshape(9, 1, 3, 3)
+
+
 def _seed_unfold(s):
     b, c, hh, ww = s.shape
     return sta.Unfold(3)(s).reshape(b, c, 9, hh, ww)
@@ -55,10 +58,10 @@ def cases():
         s, t = torch.randn(1, c, g, g), torch.randn(1, c, 9, g, g)
         out.append(("StokenUnfold", f"1x{c}x{g}x{g}", s, {
             "seed (conv bank)": _seed_unfold, "plain (slices)": sta.stoken_unfold,
-            "function node": sta_fold.stoken_unfold}))
+            "function node": lambda x: sta_fold.stoken_unfold(x, EYE)}))
         out.append(("StokenFold", f"1x{c}x9x{g}x{g}", t, {
             "seed (conv_transpose bank)": _seed_fold, "plain (slices)": sta.stoken_fold,
-            "function node": sta_fold.stoken_fold}))
+            "function node": lambda x: sta_fold.stoken_fold(x, EYE)}))
     return out
 
 

@@ -7,28 +7,35 @@ OPSET = 17
 INT64_MAX = 2 ** 63 - 1
 
 
-def custom_op(name, onnx_name, eager, attrs=()):
+def custom_op(name, onnx_name, eager, attrs=(), out_sizes=lambda sizes: sizes, tensors=1):
     """A torch op `yolo_attn::<name>` that runs `eager` and exports as one `yolo_attn::<onnx_name>` node.
 
     torch.library ops are opaque to the tracer (an autograd.Function would drag its traced body along);
-    `attrs` maps each int argument to the node attributes it becomes: {arg: fn(value) -> {attr: value}}.
+    `attrs` maps each int argument to the node attributes it becomes: [(arg, fn(value) -> {attr: value})];
+    `out_sizes` maps the first input's sizes to the output's, so the exporter's shape inference knows the result;
+    `tensors` is how many tensor inputs come first (e.g. data and a weight bank).
     """
     import torch
     from torch.onnx import register_custom_op_symbolic
-    from torch.onnx.symbolic_helper import parse_args
+    from torch.onnx.symbolic_helper import _get_const, _get_tensor_sizes
 
     int_args = list(dict(attrs))
-    schema_args = ", ".join(["Tensor x", *(f"int {a}" for a in int_args)])
+    schema_args = ", ".join([*(f"Tensor x{i}" for i in range(tensors)), *(f"int {a}" for a in int_args)])
     qualname = f"{DOMAIN}::{name}"
     torch.library.define(qualname, f"({schema_args}) -> Tensor")
-    torch.library.impl(qualname, "default")(lambda x, *args: eager(x, *args).contiguous())
+    torch.library.impl(qualname, "default")(lambda *args: eager(*args).contiguous())
 
-    @parse_args("v", *("i" for _ in int_args))
-    def symbolic(g, x, *values):
+    def symbolic(g, *args):  # no parse_args: it maps arguments by signature names, and *args has one
+        inputs, values = args[:tensors], args[tensors:]
         node_attrs = {}
         for (arg, to_attrs), value in zip(attrs, values):
-            node_attrs.update(to_attrs(value))
-        return g.op(f"{DOMAIN}::{onnx_name}", x, **node_attrs)
+            node_attrs.update(to_attrs(_get_const(value, "i", arg)))
+        x = inputs[0]
+        out = g.op(f"{DOMAIN}::{onnx_name}", *inputs, **node_attrs)
+        sizes = _get_tensor_sizes(x)
+        if sizes is not None:
+            out.setType(x.type().with_sizes(out_sizes(list(sizes))))
+        return out
 
     register_custom_op_symbolic(qualname, symbolic, OPSET)
     return getattr(getattr(torch.ops, DOMAIN), name)

@@ -14,11 +14,16 @@ class Case:
     kwargs: dict = field(default_factory=dict)
     channels: int = 32
     sizes: tuple = ((16, 16), (20, 12), (15, 20))
+    bank_drift: float = 0.0  # STA: ultralytics' trainer re-enables grads on the identity banks, so they move
 
     def build(self, seed=0):
         torch.manual_seed(seed)
         module = self.cls(*self.args, **self.kwargs)
         randomize(module, seed)
+        if self.bank_drift:
+            with torch.no_grad():
+                for bank in (module.unfold.weights, module.fold.weights):
+                    bank.add_(torch.randn(bank.shape, generator=torch.Generator().manual_seed(seed)) * self.bank_drift)
         return module.eval()
 
 
@@ -29,6 +34,7 @@ CASES = {
     "mlla": Case(mlla.MLLAttention, (32, 4), {"input_resolution": (16, 16)}),
     "sta": Case(sta.StokenAttention, (32, [4, 4], 1, 4)),
     "sta_iter2": Case(sta.StokenAttention, (32, [4, 3], 2, 4)),
+    "sta_trained_banks": Case(sta.StokenAttention, (32, [4, 4], 1, 4), bank_drift=0.03),
     "sta_grid1x1": Case(sta.StokenAttention, (32, [8, 8], 1, 4), sizes=((8, 8), (5, 7))),
     "sta_direct": Case(sta.StokenAttention, (32, [1, 1], 1, 4), sizes=((6, 6), (5, 7))),
     "s2_seed512": Case(s2.S2Attention, (512,), channels=512, sizes=((6, 6), (5, 7))),

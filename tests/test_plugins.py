@@ -23,11 +23,13 @@ S2_SHAPES = [(2, 5, 7, 30), (1, 1, 1, 4), (1, 3, 1, 7), (1, 6, 6, 64)]
 GRIDS = [(2, 3, 4, 5), (1, 2, 1, 1), (1, 1, 3, 2), (2, 8, 5, 5)]
 
 
-def _single_op_model(op, rank, out_rank, attrs=None):
+def _single_op_model(op, rank, out_rank, attrs=None, bank=False):
     """A graph of one yolo_attn node, its local functions attached: what ORT / TensorRT's parser see."""
-    node = helper.make_node(op, ["x"], ["y"], domain=DOMAIN, **(attrs or {}))
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None] * rank)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * out_rank)])
+    inputs = ["x", "w"] if bank else ["x"]
+    node = helper.make_node(op, inputs, ["y"], domain=DOMAIN, **(attrs or {}))
+    infos = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None] * rank)]
+    infos += [helper.make_tensor_value_info("w", TensorProto.FLOAT, [9, 1, 3, 3])] if bank else []
+    graph = helper.make_graph([node], "g", infos, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * out_rank)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
     plugins.attach_functions(model)
@@ -44,12 +46,35 @@ def test_s2shift_body_matches_reference(direction):
         assert np.array_equal(y, s2_shift.reference(x, direction).numpy()), shape
 
 
+EYE = torch.eye(9).reshape(9, 1, 3, 3)
+
+
+def _banks():
+    """The identity bank and a trained-looking one (ultralytics trains the 'frozen' banks)."""
+    return {"identity": EYE, "trained": EYE + 0.03 * torch.randn(9, 1, 3, 3)}
+
+
 def test_stoken_bodies_match_references():
-    unfold, fold = _single_op_model("StokenUnfold", 4, 5), _single_op_model("StokenFold", 5, 4)
+    unfold = _single_op_model("StokenUnfold", 4, 5, bank=True)
+    fold = _single_op_model("StokenFold", 5, 4, bank=True)
+    for name, w in _banks().items():
+        for shape in GRIDS:
+            s, t = torch.randn(*shape), torch.randn(*shape[:2], 9, *shape[2:])
+            got = unfold.run(None, {"x": s.numpy(), "w": w.numpy()})[0]
+            assert np.allclose(got, sta_fold.reference_unfold(s, w).numpy(), atol=1e-6), (name, shape)
+            got = fold.run(None, {"x": t.numpy(), "w": w.numpy()})[0]
+            assert np.allclose(got, sta_fold.reference_fold(t, w).numpy(), atol=1e-5), (name, shape)
+
+
+def test_identity_bank_ops_are_unfold_and_fold():
+    """With the untrained bank the ops are exactly F.unfold / F.fold (im2col / col2im), 3x3, padding 1."""
     for shape in GRIDS:
-        s, t = torch.randn(*shape), torch.randn(*shape[:2], 9, *shape[2:])
-        assert np.array_equal(unfold.run(None, {"x": s.numpy()})[0], sta_fold.reference_unfold(s).numpy()), shape
-        assert np.allclose(fold.run(None, {"x": t.numpy()})[0], sta_fold.reference_fold(t).numpy(), atol=1e-6), shape
+        b, c, hh, ww = shape
+        s, t = torch.randn(*shape), torch.randn(b, c, 9, hh, ww)
+        im2col = torch.nn.functional.unfold(s.reshape(b * c, 1, hh, ww), 3, padding=1).reshape(b, c, 9, hh, ww)
+        col2im = torch.nn.functional.fold(t.reshape(b * c, 9, hh * ww), (hh, ww), 3, padding=1).reshape(b, c, hh, ww)
+        assert torch.allclose(sta_fold.reference_unfold(s, EYE), im2col)
+        assert torch.allclose(sta_fold.reference_fold(t, EYE), col2im, atol=1e-6)
 
 
 def test_export_twin_forms_match_plugin_references():
@@ -58,10 +83,13 @@ def test_export_twin_forms_match_plugin_references():
         x = torch.randn(*shape)
         assert torch.equal(s2.shift_clean(x, s2.SHIFT1), s2_shift.reference(x, 1))
         assert torch.equal(s2.shift_clean(x, s2.SHIFT2), s2_shift.reference(x, 2))
+    trained = _banks()["trained"]
     for shape in GRIDS:
         s, t = torch.randn(*shape), torch.randn(*shape[:2], 9, *shape[2:])
-        assert torch.equal(sta.stoken_unfold(s), sta_fold.reference_unfold(s))
-        assert torch.allclose(sta.stoken_fold(t), sta_fold.reference_fold(t), atol=1e-6)
+        assert torch.allclose(sta.stoken_unfold(s), sta_fold.reference_unfold(s, EYE))
+        assert torch.allclose(sta.stoken_fold(t), sta_fold.reference_fold(t, EYE), atol=1e-6)
+        assert torch.allclose(sta.bank_unfold(s, trained), sta_fold.reference_unfold(s, trained))
+        assert torch.allclose(sta.bank_fold(t, trained), sta_fold.reference_fold(t, trained), atol=1e-6)
 
 
 KERNEL_CHECK = """
@@ -74,10 +102,11 @@ for shape in {s2_shapes}:
         y = torch.empty_like(x); k.launch(x, y, d)
         assert torch.equal(y, reference(x, d)), (shape, d)
 for shape in {grids}:
-    s = torch.randn(*shape); y = s.new_empty(*shape[:2], 9, *shape[2:]); kk.launch_unfold(s, y)
-    assert torch.equal(y, reference_unfold(s)), shape
-    t = torch.randn(*shape[:2], 9, *shape[2:]); y = s.new_empty(*shape); kk.launch_fold(t, y)
-    assert torch.allclose(y, reference_fold(t), atol=1e-6), shape
+    for w in (torch.eye(9).reshape(9, 1, 3, 3), torch.randn(9, 1, 3, 3)):
+        s = torch.randn(*shape); y = s.new_empty(*shape[:2], 9, *shape[2:]); kk.launch_unfold(s, w, y)
+        assert torch.allclose(y, reference_unfold(s, w), atol=1e-5), shape
+        t = torch.randn(*shape[:2], 9, *shape[2:]); y = s.new_empty(*shape); kk.launch_fold(t, w, y)
+        assert torch.allclose(y, reference_fold(t, w), atol=1e-4), shape
 print("ok")
 """
 
@@ -110,10 +139,11 @@ def test_kernels_on_gpu_match_references():
         x = torch.randn(*shape, device="cuda")
         for d in (1, 2):
             assert torch.equal(s2_shift_cuda(x, d), s2_shift.reference(x, d))
+    w = (EYE + 0.03 * torch.randn(9, 1, 3, 3)).cuda()
     for shape in GRIDS:
         s, t = torch.randn(*shape, device="cuda"), torch.randn(*shape[:2], 9, *shape[2:], device="cuda")
-        assert torch.equal(unfold_cuda(s), sta_fold.reference_unfold(s))
-        assert torch.allclose(fold_cuda(t), sta_fold.reference_fold(t), atol=1e-5)
+        assert torch.allclose(unfold_cuda(s, w), sta_fold.reference_unfold(s, w), atol=1e-5)
+        assert torch.allclose(fold_cuda(t, w), sta_fold.reference_fold(t, w), atol=1e-4)
 
 
 def test_tensorrt_plugins_register():
@@ -146,3 +176,37 @@ def test_plugin_export_matches_plain_export(family, tmp_path):
     assert report["parity"]["onnxruntime"]["pass"] and report["plugins"]["nodes"] == len(custom)
     if engine:
         assert Path(report["engine"]).stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", ["s2_c30", "sta", "sta_grid1x1", "sta_iter2", "sta_trained_banks"])
+def test_plugin_twin_exports_custom_nodes_matching_plain_twin(name, tmp_path):
+    from export.to_onnx import export_module
+    from tests.cases import CASES, rel_err
+
+    case = CASES[name]
+    plain = models.to_export(case.build())
+    twin = models.to_export(case.build())
+    assert plugins.apply(twin) == 1
+    path = tmp_path / "plug.onnx"
+    proto = export_module(twin, torch.randn(2, case.channels, *case.sizes[0]), path,
+                          dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}})
+    custom = [n for n in proto.graph.node if n.domain == DOMAIN]
+    assert custom and all(len(n.input) == len(next(f for f in proto.functions if f.name == n.op_type).input)
+                          for n in custom)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for h, w in case.sizes:
+        x = torch.randn(1, case.channels, h, w)
+        with torch.no_grad():
+            expected = plain(x)
+        assert rel_err(torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), expected) <= 1e-5
+    trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX not installed")
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(path)), [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    profile.set_shape("x", (1, case.channels, 4, 4), (1, case.channels, 16, 16), (2, case.channels, 32, 32))
+    config.add_optimization_profile(profile)
+    assert builder.build_serialized_network(network, config) is not None

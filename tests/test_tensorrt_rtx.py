@@ -30,7 +30,7 @@ def _build(path, channels):
 
 
 @pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("name", ["fla", "c2f_fla", "mlla", "sta", "sta_grid1x1", "s2_c30"])
+@pytest.mark.parametrize("name", ["fla", "c2f_fla", "mlla", "sta", "sta_grid1x1", "sta_trained_banks", "s2_c30"])
 def test_twin_parses_and_builds(name, half, tmp_path):
     case = CASES[name]
     twin = models.to_export(case.build())

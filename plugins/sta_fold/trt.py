@@ -15,42 +15,42 @@ UNFOLD_ID, FOLD_ID = "yolo_attn::StokenUnfold", "yolo_attn::StokenFold"
 
 
 @trtp.register(UNFOLD_ID)
-def unfold_desc(s: trtp.TensorDesc) -> Tuple[trtp.TensorDesc]:
+def unfold_desc(s: trtp.TensorDesc, w: trtp.TensorDesc) -> Tuple[trtp.TensorDesc]:
     b, c, hh, ww = s.shape_expr
     return trtp.from_shape_expr((b, c, 9, hh, ww), dtype=s.dtype)
 
 
 @trtp.register(FOLD_ID)
-def fold_desc(t: trtp.TensorDesc) -> Tuple[trtp.TensorDesc]:
+def fold_desc(t: trtp.TensorDesc, w: trtp.TensorDesc) -> Tuple[trtp.TensorDesc]:
     b, c, _, hh, ww = t.shape_expr
     return trtp.from_shape_expr((b, c, hh, ww), dtype=t.dtype)
 
 
 @trtp.impl(UNFOLD_ID)
-def unfold_impl(s: trtp.Tensor, outputs: Tuple[trtp.Tensor], stream: int) -> None:
-    _run(kernel.launch_unfold, s, outputs[0], stream)
+def unfold_impl(s: trtp.Tensor, w: trtp.Tensor, outputs: Tuple[trtp.Tensor], stream: int) -> None:
+    _run(kernel.launch_unfold, s, w, outputs[0], stream)
 
 
 @trtp.impl(FOLD_ID)
-def fold_impl(t: trtp.Tensor, outputs: Tuple[trtp.Tensor], stream: int) -> None:
-    _run(kernel.launch_fold, t, outputs[0], stream)
+def fold_impl(t: trtp.Tensor, w: trtp.Tensor, outputs: Tuple[trtp.Tensor], stream: int) -> None:
+    _run(kernel.launch_fold, t, w, outputs[0], stream)
 
 
-def _run(launch, inp, out, stream):
+def _run(launch, inp, w, out, stream):
     import torch
 
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-        launch(torch.as_tensor(inp, device="cuda"), torch.as_tensor(out, device="cuda"))
+        launch(*(torch.as_tensor(t, device="cuda") for t in (inp, w, out)))
 
 
 @trtp.aot_impl(UNFOLD_ID)
-def unfold_aot(s: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc], tactic: int
+def unfold_aot(s: trtp.TensorDesc, w: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc], tactic: int
                ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
     return _aot(kernel.unfold_kernel, s, outputs[0])
 
 
 @trtp.aot_impl(FOLD_ID)
-def fold_aot(t: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc], tactic: int
+def fold_aot(t: trtp.TensorDesc, w: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc], tactic: int
              ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
     return _aot(kernel.fold_kernel, t, outputs[0])
 
@@ -63,7 +63,7 @@ def _aot(fn, inp, out):
     launch.grid_x = trtp.cdiv(n, kernel.BLOCK)
     launch.block_x = compiled.metadata.num_warps * 32
     launch.shared_mem = compiled.metadata.shared
-    extra = trtp.SymIntExprs(3)  # HH, WW, n_elements: between the input and output pointers
+    extra = trtp.SymIntExprs(3)  # HH, WW, n_elements: after the input pointers (data, bank), before the output
     for i, expr in enumerate((shape[-2], shape[-1], n)):
         extra[i] = trtp.SymInt32(expr)
     return compiled.metadata.name, compiled.asm["ptx"], launch, extra
