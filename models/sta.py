@@ -159,7 +159,8 @@ class StokenAttentionExport(StokenAttention):
         return self._stoken(x, h, w)
 
     def _stoken(self, x, h, w):
-        B, C, H0, W0 = x.shape
+        shape = x.shape
+        B, C, H0, W0 = shape
         # Always pad and crop (by zero when aligned): no shape branch freezes at trace time.
         x = F.pad(x, (0, (w - W0 % w) % w, 0, (h - H0 % h) % h))
         H, W = x.shape[-2:]
@@ -174,7 +175,9 @@ class StokenAttentionExport(StokenAttention):
         refined = self.stoken_refine(stokens.to(x.dtype)).float()
         out = self._neighbours(refined) @ affinity.transpose(-1, -2)
         out = out.reshape(B, hh, ww, C, h, w).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
-        return out[:, :, :H0, :W0].to(x.dtype)
+        # Reshape to the input's own shape: the crop's size is then visibly the input's, which TensorRT's
+        # shape analysis needs with dynamic H, W (it cannot reduce the pad-and-crop arithmetic).
+        return out[:, :, :H0, :W0].reshape(shape).to(x.dtype)
 
     def _neighbours(self, stokens):
         """(B, C, hh, ww) -> (B, hh*ww, C, 9): each super token's 3x3 neighbourhood."""

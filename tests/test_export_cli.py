@@ -144,3 +144,15 @@ def test_build_unavailable_exits_3(tmp_path, monkeypatch, capsys):
     assert main(["--weights", str(models.demo_checkpoint("sta")), "--out", str(tmp_path), "--engine", "fp16",
                  "--no-parity"]) == 3
     assert "install" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_RTX, reason="TensorRT for RTX not installed (pip install '.[rtx]')")
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_dynamic_engine_builds(family, tmp_path):
+    """Dynamic batch/H/W through TensorRT's shape analysis: the whole model, not one block."""
+    args = ["--weights", str(models.demo_checkpoint(family)), "--out", str(tmp_path), "--dynamic", "--engine", "fp16",
+            "--no-parity"]
+    assert main(args) == 0
+    report = _report(tmp_path)
+    assert report["engine_build"]["profile"]["max"][0] == 8 and Path(report["engine"]).stat().st_size > 0
