@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+import plugins
 from export.files import atomic_write
 
 STRONGLY_TYPED_SINCE = (10, 12)
@@ -99,8 +100,6 @@ def _register_plugins(flavour):
     """Register our plugins before parsing (full TensorRT only); else say that the local functions are inlined."""
     if flavour != "tensorrt":
         return "TensorRT for RTX: its parser inlines the yolo_attn ops' local functions (no plugins registered)"
-    import plugins
-
     return plugins.register_tensorrt()
 
 

@@ -8,8 +8,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -19,6 +17,7 @@ from export.build import BuildFailed, BuildUnavailable, build_engine
 from export.lint import lint
 from export.lint import summary as lint_summary
 from export.load import CheckpointError, load
+from export.images import MAX_IMAGES, read_images, tile
 from export.parity import OrtRunner, TorchRunner, TrtRunner, bench, compare, engine_runtime, localize
 from export.report import write_report
 from export.rewrite import rewrite
@@ -26,8 +25,6 @@ from export.to_onnx import export_yolo
 from models import fla
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_PARITY_FAILED = 0, 2, 3, 4
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-MAX_IMAGES = 32  # parity and probe use at most this many images of --images (sorted by name)
 
 
 class UsageError(CheckpointError):
@@ -175,13 +172,6 @@ def _engine_metadata(loaded, imgsz, args, precision):
             "input": "images float32 [0,1] NCHW", "output": "output0 float32 (B, 4+nc, anchors)"}
 
 
-def tile(images, batch):
-    """At least `batch` images (repeated if the folder has fewer), a whole number of batches."""
-    reps = -(-batch // len(images))
-    images = torch.cat([images] * reps)
-    return images[: len(images) - len(images) % batch].numpy()
-
-
 def _runners(loaded, twin, imgsz, onnx_path, engine_path, report):
     runners = {"reference": TorchRunner(fla.defined_at(loaded.model, *imgsz)), "torch": TorchRunner(twin),
                "onnxruntime": OrtRunner(onnx_path)}
@@ -231,17 +221,3 @@ def parse_imgsz(value, stride):
         raise UsageError(f"--imgsz {value} must be one or two positive multiples of the model stride {stride} "
                          f"(e.g. {max(stride, (h // stride) * stride)})")
     return h, w
-
-
-def read_images(folder, imgsz):
-    """Letterboxed float [0,1] NCHW batch (ultralytics' preprocessing) of the images in `folder`."""
-    from ultralytics.data.augment import LetterBox
-
-    folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_IMAGES] \
-        if folder.is_dir() else []
-    if not files:
-        raise UsageError(f"--images {folder}: no images found (.jpg/.png/...); pass a folder of sample images")
-    boxes = [LetterBox(imgsz, auto=False)(image=img) for img in (cv2.imread(str(p)) for p in files) if img is not None]
-    batch = np.stack(boxes)[..., ::-1].transpose(0, 3, 1, 2)
-    return torch.from_numpy(np.ascontiguousarray(batch)).float() / 255

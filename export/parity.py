@@ -7,14 +7,28 @@ PyTorch (the loaded reference model) is the truth. Every backend sees the same l
 """
 
 import argparse
+import ast
 import copy
+import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 from tqdm import tqdm
+from ultralytics.utils.metrics import ap_per_class, box_iou
+from ultralytics.utils.nms import non_max_suppression
+
+import models
+from export.images import read_images, tile
+from export.load import CheckpointError, load
+from export.rewrite import outermost_family_modules
+from export.to_onnx import trace
+from models import fla
 
 CONF, IOU_NMS, TOP_ANCHORS = 0.25, 0.7, 100
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
@@ -48,8 +62,6 @@ class OrtRunner:
     name = "onnxruntime"
 
     def __init__(self, path, threads=None):
-        import onnxruntime as ort
-
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()  # same threads as torch
         available = ort.get_available_providers()
@@ -122,15 +134,11 @@ def _top_anchor_rel(ref, out):
 
 
 def detections(pred):
-    from ultralytics.utils.nms import non_max_suppression
-
     return [d.numpy() for d in non_max_suppression(torch.from_numpy(pred), CONF, IOU_NMS)]
 
 
 def box_metrics(ref_dets, dets):
     """PyTorch's detections as ground truth: recall, precision, mean IoU of matches (same class, IoU >= 0.5), mAP50-95."""
-    from ultralytics.utils.metrics import ap_per_class, box_iou
-
     matched = n_ref = n_det = 0
     ious, tps, confs, pred_cls, target_cls = [], [], [], [], []
     for gt, det in zip(ref_dets, dets):
@@ -208,9 +216,6 @@ def bench(runner, images, iterations, warmup=5):
 def localize(reference_model, twin, images, half, tmpdir, precision):
     """Export the twin with every attention block's output as an extra ONNX output; name the first block whose
     ONNX Runtime output diverges from the PyTorch reference's. Returns (name or None, per-block rel errors)."""
-    from export.rewrite import outermost_family_modules
-    from export.to_onnx import trace
-
     names = outermost_family_modules(reference_model)
     twin = copy.deepcopy(twin)
     probe = _BlockTap(twin.half() if half else twin.float(), names, half)
@@ -256,31 +261,29 @@ class _BlockTap(torch.nn.Module):
 
 # ---- standalone entry: python -m export parity ---------------------------------------------------------
 def main(argv=None):
-    import json
-
-    from export.cli import read_images, tile
-    from export.load import load
-
     p = argparse.ArgumentParser(prog="python -m export parity", description="Compare ONNX/TensorRT with PyTorch.")
     p.add_argument("--weights", type=Path, required=True)
     p.add_argument("--onnx", type=Path, required=True)
     p.add_argument("--engine", type=Path, default=None)
-    p.add_argument("--images", type=Path, default=None)
+    p.add_argument("--images", type=Path, default=models.DEMO_DIR / "images")
     p.add_argument("--bench", type=int, default=0)
     args = p.parse_args(argv)
-    import onnx
+    try:
+        results = _standalone(args)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(json.dumps(results, indent=2))
+    return 0 if all(r.get("pass", True) for r in results.values()) else 4
 
-    import models
-    from models import fla
 
-    meta = {e.key: e.value for e in onnx.load(str(args.onnx), load_external_data=False).metadata_props}
-    imgsz = tuple(eval_list(meta.get("imgsz", "[640, 640]")))
-    precision = "fp16" if "half': True" in meta.get("args", "") else "fp32"
+def _standalone(args):
+    meta = _onnx_metadata(args.onnx)
+    imgsz, batch = tuple(ast.literal_eval(meta.get("imgsz", "[640, 640]"))), int(meta.get("batch", 1))
+    precision = "fp16" if ast.literal_eval(meta.get("args", "{}")).get("half") else "fp32"
     loaded = load(args.weights)
-    batch = int(meta.get("batch", 1))
-    images = tile(read_images(args.images or models.DEMO_DIR / "images", imgsz), batch)
-    runners = {"onnxruntime": OrtRunner(args.onnx)}
-    results = {}
+    images = tile(read_images(args.images, imgsz), batch)
+    runners, results = {"onnxruntime": OrtRunner(args.onnx)}, {}
     if args.engine:
         trt, reason = engine_runtime()
         if trt:
@@ -294,11 +297,13 @@ def main(argv=None):
     if args.bench:
         results["speed"] = {"torch": bench(reference, images[:batch], args.bench)}
         results["speed"].update({b: bench(r, images[:batch], args.bench) for b, r in runners.items()})
-    print(json.dumps(results, indent=2))
-    return 0 if all(r.get("pass", True) for r in results.values()) else 4
+    return results
 
 
-def eval_list(text):
-    import ast
-
-    return ast.literal_eval(text)
+def _onnx_metadata(path):
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such ONNX file; pass the .onnx that `python -m export` wrote")
+    try:
+        return {e.key: e.value for e in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:  # a damaged or foreign file: one line, exit 2
+        raise CheckpointError(f"{path} is not a readable ONNX model") from None

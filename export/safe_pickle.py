@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from ultralytics.utils import IterableSimpleNamespace
 
 import models
 
@@ -68,8 +69,6 @@ def _callable_allowlist():
             numpy_helpers |= {m._reconstruct, m.scalar}
         except (ImportError, AttributeError):
             pass
-    from ultralytics.utils import IterableSimpleNamespace
-
     return rebuilders | numpy_helpers | {
         collections.OrderedDict, set, frozenset, slice, range, complex, bytearray, torch.Size, torch.device,
         types.SimpleNamespace, IterableSimpleNamespace, pathlib.PosixPath, pathlib.WindowsPath,

@@ -15,6 +15,7 @@ import onnx
 import torch
 
 from export.files import atomic_write
+from plugins import attach_functions
 
 # onnx >= 1.23 stamps IR 14 by default; onnxruntime 1.31 reads at most 13. IR 10 covers opsets <= 21.
 MAX_IR_VERSION = 10
@@ -22,7 +23,6 @@ MAX_IR_VERSION = 10
 
 def trace(module, example, opset=17, input_names=("x",), output_names=("y",), dynamic_axes=None):
     """Trace `module` on `example` (a tensor or tuple) into a ModelProto (custom yolo_attn ops get their functions)."""
-    from plugins import attach_functions
 
     example = example if isinstance(example, tuple) else (example,)
     with tempfile.TemporaryDirectory() as tmp:

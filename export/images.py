@@ -1,0 +1,32 @@
+"""Parity and probe images: ultralytics' letterbox preprocessing into a float [0,1] NCHW batch."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from ultralytics.data.augment import LetterBox
+
+from export.load import CheckpointError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+MAX_IMAGES = 32  # parity and probe use at most this many images of --images (sorted by name)
+
+
+def read_images(folder, imgsz):
+    """Letterboxed float [0,1] NCHW batch (ultralytics' preprocessing) of the images in `folder`."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_IMAGES] \
+        if folder.is_dir() else []
+    if not files:
+        raise CheckpointError(f"--images {folder}: no images found (.jpg/.png/...); pass a folder of sample images")
+    boxes = [LetterBox(imgsz, auto=False)(image=img) for img in (cv2.imread(str(p)) for p in files) if img is not None]
+    batch = np.stack(boxes)[..., ::-1].transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(batch)).float() / 255
+
+
+def tile(images, batch):
+    """At least `batch` images (repeated if the folder has fewer), a whole number of batches."""
+    reps = -(-batch // len(images))
+    images = torch.cat([images] * reps)
+    return images[: len(images) - len(images) % batch].numpy()
