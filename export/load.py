@@ -57,7 +57,7 @@ def load(path):
     _refuse_unknowns(log, model)
     saved_half = next(model.parameters()).dtype == torch.float16
     model = _prepare(model)
-    train_args = ckpt.get("train_args") or {} if isinstance(ckpt, dict) else {}
+    train_args = (ckpt.get("train_args") or {}) if isinstance(ckpt, dict) else {}
     return LoadedCheckpoint(
         model=model, path=path, names=dict(model.names), nc=len(model.names),
         stride=[int(s) for s in model.stride.tolist()], task=getattr(model, "task", "detect"),
