@@ -2,23 +2,35 @@
 
     loaded = export.load("best.pt")   # -> LoadedCheckpoint(model=..., names=..., remapped=..., ...)
 
-Every refusal is a CheckpointError: one line saying what is wrong and what to do; the CLI maps it to
-exit code 2. The input file is only ever read.
+The file is read by our own zip reader (export.torch_zip) and gated unpickler (export.safe_pickle),
+never by torch.load; what they build is validated as a whole (export.object_graph) before any method
+is called on it. Every refusal is a CheckpointError: one line saying what is wrong and what to do;
+the CLI maps it to exit code 2. The input file is only ever read.
 """
 
+import pickle
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from export.safe_pickle import Unknown, UnpickleLog, pickle_module
+from export import object_graph
+from export.safe_pickle import Refused, UnpickleLog, unpickle
+from export.torch_zip import NotTorchZip, open_torch_zip
 
 EXIT_BAD_INPUT = 2
 NOT_WEIGHTS = {".onnx": "an ONNX model", ".engine": "a TensorRT engine", ".plan": "a TensorRT engine",
                ".trt": "a TensorRT engine", ".torchscript": "a TorchScript archive"}
 FAMILY_HINT = ("the exporter knows FLA, MLLA, STA and S2; to add a family, write its reference and export twin in "
                "models/<family>.py and list its class names in CHECKPOINT_NAMES")
+RESAVE = ("re-save it with torch >= 1.6 in an environment you trust: "
+          "`torch.save(torch.load(f, weights_only=False), f2)`")
+# What a damaged or hostile pickle makes the unpickler raise; all mean "not a readable checkpoint".
+UNREADABLE = (pickle.UnpicklingError, EOFError, struct.error, UnicodeDecodeError, ValueError, KeyError, IndexError,
+              TypeError, AttributeError, OverflowError, RecursionError, MemoryError, zipfile.BadZipFile, OSError,
+              RuntimeError, AssertionError, NotImplementedError, ZeroDivisionError, ImportError)
 
 
 class CheckpointError(Exception):
@@ -50,71 +62,76 @@ class LoadedCheckpoint:
 
 def load(path):
     path = Path(path)
-    _check_file(path)
+    kind = _check_file(path)
+    if kind != "zip":
+        raise CheckpointError(f"{path} is in torch's {kind} format, which we do not read; {RESAVE}")
     log = UnpickleLog()
-    ckpt = _torch_load(path, log)
-    model, source = _pick_model(ckpt, path)
-    _refuse_unknowns(log, model)
-    saved_half = next(model.parameters()).dtype == torch.float16
-    model = _prepare(model)
-    train_args = (ckpt.get("train_args") or {}) if isinstance(ckpt, dict) else {}
-    return LoadedCheckpoint(
-        model=model, path=path, names=dict(model.names), nc=len(model.names),
-        stride=[int(s) for s in model.stride.tolist()], task=getattr(model, "task", "detect"),
-        imgsz=dict(train_args).get("imgsz"), source=source, saved_half=saved_half, remapped=log.remapped)
+    try:
+        ckpt = _read(path, log)
+        model, source = _pick_model(ckpt, path)
+        _refuse_unknowns(log, model)
+        saved_half = next(model.parameters()).dtype == torch.float16
+        names, stride = _names(model), _stride(model)
+        model = _prepare(model)
+    except CheckpointError:
+        raise
+    except Refused as e:
+        raise _refused(path, e) from None
+    except (Exception, SystemExit, KeyboardInterrupt) as e:  # the file's contents decide what fails here
+        raise CheckpointError(f"{path} could not be read as a checkpoint ({_one_line(e)}); the file may be "
+                              f"truncated or damaged, or not a YOLO checkpoint") from None
+    return LoadedCheckpoint(model=model, path=path, names=names, nc=len(names), stride=stride,
+                            task=_task(model), imgsz=_train_imgsz(ckpt), source=source, saved_half=saved_half,
+                            remapped=log.remapped)
+
+
+def _one_line(e):
+    text = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _refused(path, e):
+    return CheckpointError(f"refused to load {path}: {e}; nothing from the file was run — only torch, ultralytics "
+                           f"and the attention families' own objects are reconstructed")
 
 
 def _check_file(path):
+    """'zip', 'legacy pickle' or 'tar' — or a CheckpointError for anything that is not a checkpoint file."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file; pass the path of a .pt checkpoint (e.g. runs/train/weights/best.pt)")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; pass the .pt checkpoint file inside it (e.g. {path}/best.pt)")
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise CheckpointError(f"{path} is not a regular file (a pipe or device?); pass the checkpoint file itself")
     kind = NOT_WEIGHTS.get(path.suffix.lower())
     if kind:
         raise CheckpointError(f"{path} is {kind}, not PyTorch weights; pass the training checkpoint (best.pt)")
-    size = path.stat().st_size
-    if size == 0:
+    if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes); re-copy the checkpoint")
     with path.open("rb") as f:
-        head = f.read(8)
+        head = f.read(512)
     if head.startswith(b"PK"):
-        _check_zip(path)
-    elif not head.startswith(b"\x80"):
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip nor a pickle); "
-                              f"pass the best.pt that training wrote")
+        return "zip"
+    if head[257:262] == b"ustar":
+        return "tar (torch < 0.4)"
+    if head.startswith(b"\x80"):
+        return "legacy pickle (torch < 1.6)"
+    raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip nor a pickle); "
+                          f"pass the best.pt that training wrote")
 
 
-def _check_zip(path):
+def _read(path, log):
+    """Unpickle through the gate, then validate the whole object graph."""
     try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (zipfile.BadZipFile, OSError):
+        archive = open_torch_zip(path, path.stat().st_size)
+    except NotTorchZip as e:
+        raise CheckpointError(f"{path} is {e}; pass the best.pt that training wrote") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error):
         raise CheckpointError(f"{path} is a truncated or corrupted zip archive; re-copy the checkpoint") from None
-    if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
-        raise CheckpointError(f"{path} is a TorchScript archive (torch.jit.save), not a training checkpoint; "
-                              f"pass the best.pt that training wrote")
-    if not any(n.endswith("data.pkl") for n in names):
-        raise CheckpointError(f"{path} is a zip archive but not a PyTorch checkpoint (no data.pkl)")
-
-
-def _torch_load(path, log):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=pickle_module(log))
-    except CheckpointError:
-        raise
-    except Exception as e:  # the file's contents, not our code, decide what fails here
-        if log.called:
-            raise _refused(log) from None
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} could not be read as a checkpoint ({type(e).__name__}: {reason}); "
-                              f"the file may be truncated or not a PyTorch checkpoint") from None
-
-
-def _refused(log):
-    names = ", ".join(sorted(log.called))
-    return CheckpointError(f"refused to load: the checkpoint asks to call {names}, which is not an allowed "
-                           f"reconstruction step (nothing from the file was run); only torch, ultralytics and "
-                           f"the attention families' objects are reconstructed")
+    with archive.archive:
+        ckpt = unpickle(archive.pickle_bytes(), log, archive.storage)
+    object_graph.validate(ckpt)
+    return ckpt
 
 
 def _pick_model(ckpt, path):
@@ -131,34 +148,54 @@ def _pick_model(ckpt, path):
 
 
 def _refuse_unknowns(log, model):
-    if log.called:
-        raise _refused(log)
+    """Placeholders inside the model are unknown blocks (listed by layer); any other unknown global is refused.
+    Runs before any method of the model is called: placeholders' contents are not validated."""
     if not log.unknown:
         return
-    layers = list(model.model) if isinstance(getattr(model, "model", None), torch.nn.Sequential) else [model]
-    blocks = {}
-    for i, layer in enumerate(layers):
-        for m in layer.modules():
-            if isinstance(m, Unknown):
-                blocks.setdefault(m.origin, []).append(getattr(layer, "i", i))
-    blocks = {k: sorted(set(v)) for k, v in blocks.items()}
+    blocks = object_graph.unknown_blocks(model)
     stray = sorted(set(log.unknown) - set(blocks))
     if stray:
-        raise CheckpointError(f"refused to load: the checkpoint references {', '.join(stray)}, which is not an "
-                              f"allowed global (nothing from the file was run)")
+        raise Refused(f"it references {', '.join(stray[:5])}, which is not an allowed global")
     raise UnknownBlocksError(blocks)
 
 
+def _names(model):
+    names = model.__dict__.get("names")
+    if isinstance(names, (list, tuple)):
+        names = dict(enumerate(names))
+    if not isinstance(names, dict) or not names or not all(type(k) is int and type(v) is str for k, v in names.items()):
+        raise CheckpointError("the checkpoint's model has no class names (a dict or list of strings); "
+                              "it is not an ultralytics detection model")
+    return dict(names)
+
+
+def _stride(model):
+    stride = model.__dict__.get("stride", torch.tensor([32.0]))
+    values = stride.tolist() if isinstance(stride, torch.Tensor) and stride.dim() == 1 else None
+    if not values or not all(float(v).is_integer() and 0 < v <= 1024 for v in values):
+        raise CheckpointError("the checkpoint's model has no valid strides (a 1-d tensor of positive integers)")
+    return [int(v) for v in values]
+
+
+def _task(model):
+    task = model.__dict__.get("task", "detect")
+    return task if type(task) is str else "detect"
+
+
+def _train_imgsz(ckpt):
+    """The training image size from train_args, if it is one: an int or an [h, w] list of ints."""
+    args = ckpt.get("train_args") if isinstance(ckpt, dict) else None
+    args = vars(args) if hasattr(args, "__dict__") and not isinstance(args, torch.nn.Module) else args
+    imgsz = args.get("imgsz") if isinstance(args, dict) else None
+    sizes = imgsz if isinstance(imgsz, (list, tuple)) else [imgsz]
+    return imgsz if 1 <= len(sizes) <= 2 and all(type(v) is int and 0 < v <= 16384 for v in sizes) else None
+
+
 def _prepare(model):
-    """What ultralytics does to a loaded model before export: fp32, eval, BN fused, old-version attributes."""
+    """What ultralytics does to a loaded model before export: fp32, eval, BN fused (only after validation)."""
     model = model.float().eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Upsample) and not hasattr(m, "recompute_scale_factor"):
-            m.recompute_scale_factor = None  # pickled by torch < 1.11
     if not hasattr(model, "stride"):
         model.stride = torch.tensor([32.0])
-    if not hasattr(model, "names"):
-        raise CheckpointError("the checkpoint's model has no class names; it is not an ultralytics detection model")
     if hasattr(model, "fuse"):
         model = model.fuse(verbose=False)
     for p in model.parameters():

@@ -117,7 +117,7 @@ def test_hostile_legacy_format_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "legacy.pt"
     torch.save({"ema": _Payload(os.system, f"touch {marker}")}, path, _use_new_zipfile_serialization=False)
-    with pytest.raises(CheckpointError, match="system"):
+    with pytest.raises(CheckpointError, match="legacy pickle .* re-save"):
         export.load(path)
     assert not marker.exists()
 
@@ -199,3 +199,14 @@ def test_cli_bad_input_exit_code_2_without_traceback(case, tmp_path):
     assert "Traceback" not in proc.stderr and phrase in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("raised", [SystemExit(2), KeyboardInterrupt()])
+def test_exit_raised_inside_loading_is_a_refusal_not_a_silent_exit(raised, monkeypatch):
+    def unpickle(*args):
+        raise raised
+
+    monkeypatch.setattr(sys.modules["export.load"], "unpickle", unpickle)  # export.load is also the function
+    with pytest.raises(CheckpointError, match=type(raised).__name__) as err:
+        export.load(REPO / "models" / "demo" / "yolov8n-sta.pt")
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)

@@ -1,0 +1,250 @@
+"""Validate what the gated unpickler built, as a whole, before any method is called on it.
+
+After this passes, the checkpoint is a bounded structure of exact allowlisted types whose every
+attribute is inert data: numbers, strings, bytes, None; tuples, lists, sets and dicts of those;
+strided dense tensors; torch dtypes/devices/sizes; numpy scalars and non-object arrays; pure paths;
+namespaces of those; and module instances of the table's exact classes, forming a tree of bounded
+size. Only then may the loader cast, fuse and run the model. Placeholders (unknown classes) are
+collected, not descended into: the loader refuses them by name and layer.
+"""
+
+import collections
+import pathlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.safe_pickle import (NAMESPACES, TABLE_MODULE_TYPES, TABLE_PLAIN_TYPES, Refused, Unknown,
+                                _check_state_keys)
+
+MAX_DEPTH = 100  # nesting of containers and modules; deeper structures break recursive library code
+MAX_OBJECTS = 5_000_000
+MAX_MODULE_PATHS = 100_000  # a yolov8x has ~500 module paths; shared children would multiply them
+PRIMITIVES = (type(None), bool, int, float, complex, str, bytes, bytearray)
+TORCH_VALUES = (torch.dtype, torch.layout, torch.qscheme, torch.memory_format, torch.device)
+DICTS = (dict, collections.OrderedDict, collections.Counter)
+SEQUENCES = (tuple, list, set, frozenset)
+HOOK_TABLES = ("_backward_pre_hooks", "_backward_hooks", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs",
+               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
+@dataclass
+class GraphReport:
+    modules: list = field(default_factory=list)  # every module instance, table or placeholder
+    placeholders: list = field(default_factory=list)  # Unknown instances found
+
+
+def validate(root):
+    """Refuse (export.safe_pickle.Refused) unless `root` is inert data and allowlisted modules."""
+    report = GraphReport()
+    _Walk(report).run(root)
+    for module in report.modules:
+        _check_module_numbers(module)
+    _check_module_paths(report.modules)
+    return report
+
+
+class _Walk:
+    def __init__(self, report):
+        self.report, self.seen, self.todo = report, set(), []
+
+    def run(self, root):
+        self.todo.append((root, 0))
+        while self.todo:
+            obj, depth = self.todo.pop()
+            if type(obj) in PRIMITIVES or isinstance(obj, TORCH_VALUES):
+                continue
+            if id(obj) in self.seen:
+                continue
+            self.seen.add(id(obj))
+            if len(self.seen) > MAX_OBJECTS or depth > MAX_DEPTH:
+                raise Refused(f"more than {MAX_OBJECTS} objects or nesting deeper than {MAX_DEPTH}")
+            self._visit(obj, depth + 1)
+
+    def _push(self, values, depth):
+        self.todo.extend((v, depth) for v in values)
+
+    def _visit(self, obj, depth):
+        kind = type(obj)
+        if kind in DICTS:
+            if not all(_primitive_key(k) for k in obj):
+                raise Refused("a dict with a key that is not a number, string or tuple of those")
+            self._push(obj.values(), depth)
+        elif kind in SEQUENCES or kind is torch.Size:
+            self._push(obj, depth)
+        elif kind in (torch.Tensor, nn.Parameter):
+            self._tensor(obj, depth)
+        elif kind is np.ndarray or isinstance(obj, (np.generic, np.dtype)):
+            _check_numpy(obj)
+        elif kind in (pathlib.PurePosixPath, pathlib.PureWindowsPath):
+            pass
+        elif kind in TABLE_MODULE_TYPES or (kind in TABLE_PLAIN_TYPES and isinstance(obj, nn.Module)):
+            self._module(obj, depth)
+        elif kind in NAMESPACES or kind in TABLE_PLAIN_TYPES:
+            self._attributes(obj, depth)
+        elif isinstance(obj, Unknown):
+            self._placeholder(obj, depth)
+        elif isinstance(obj, type) and issubclass(obj, Unknown):
+            raise Refused(f"it references {obj.origin}, which is not an allowed global")
+        else:
+            raise Refused(f"a value of type {_name(obj)}, which is not checkpoint data")
+
+    def _attributes(self, obj, depth):
+        _check_state_keys(type(obj), obj.__dict__)
+        self._push(obj.__dict__.values(), depth)
+
+    def _tensor(self, t, depth):
+        if t.layout != torch.strided or t.is_quantized or t.device.type != "cpu":
+            raise Refused(f"a {t.layout} / quantized / non-CPU tensor (only dense tensors are reconstructed)")
+        if t.__dict__:
+            self._attributes(t, depth)
+
+    def _module(self, m, depth):
+        self.report.modules.append(m)
+        d = m.__dict__
+        _check_state_keys(type(m), d)
+        for table in ("_parameters", "_buffers", "_modules"):
+            if type(d.get(table)) not in (dict, collections.OrderedDict) or not all(type(k) is str for k in d[table]):
+                raise Refused(f"a {type(m).__name__} without a proper {table} table")
+        if any(type(v) not in (nn.Parameter, torch.Tensor, type(None)) for v in d["_parameters"].values()) or \
+                any(type(v) not in (torch.Tensor, nn.Parameter, type(None)) for v in d["_buffers"].values()):
+            raise Refused(f"a {type(m).__name__} whose parameters or buffers are not tensors")
+        if any(v is not None and not isinstance(v, nn.Module) for v in d["_modules"].values()):
+            raise Refused(f"a {type(m).__name__} whose submodules are not modules")
+        if any(d.get(h) for h in HOOK_TABLES):
+            raise Refused(f"a {type(m).__name__} with hooks (hooks are code)")
+        if type(d.get("training", False)) is not bool:
+            raise Refused(f"a {type(m).__name__} whose `training` flag is not a bool")
+        self._push(d.values(), depth)
+
+    def _placeholder(self, m, depth):
+        """An unknown class: reported by the loader, so only its submodules are looked at."""
+        self.report.modules.append(m)
+        self.report.placeholders.append(m)
+        children = m.__dict__.get("_modules")
+        if type(children) in (dict, collections.OrderedDict):
+            self._push([v for v in children.values() if isinstance(v, nn.Module)], depth)
+
+
+def unknown_blocks(model):
+    """{placeholder origin: [layer indices]} for the placeholders inside a validated model, by __dict__ only."""
+    layers = _children(model)
+    sequential = model.__dict__.get("_modules", {}).get("model") if type(model.__dict__.get("_modules")) in DICTS else None
+    if isinstance(sequential, nn.Sequential):
+        layers = _children(sequential)
+    blocks = {}
+    for position, layer in enumerate(layers or [model]):
+        index = layer.__dict__.get("i")
+        for m in _subtree(layer):
+            if isinstance(m, Unknown):
+                blocks.setdefault(m.origin, set()).add(index if type(index) is int else position)
+    return {origin: sorted(indices) for origin, indices in blocks.items()}
+
+
+def _subtree(root):
+    seen, todo = {id(root)}, [root]
+    while todo:
+        m = todo.pop()
+        yield m
+        for c in _children(m):
+            if id(c) not in seen:
+                seen.add(id(c))
+                todo.append(c)
+
+
+def _primitive_key(k):
+    return type(k) in (type(None), bool, int, float, str, bytes) or (type(k) is tuple and all(map(_primitive_key, k)))
+
+
+def _name(obj):
+    kind = obj if isinstance(obj, type) else type(obj)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _check_numpy(obj):
+    dtype = obj if isinstance(obj, np.dtype) else obj.dtype
+    if dtype.hasobject or dtype.fields is not None:
+        raise Refused("a numpy value of objects or records")
+
+
+def _check_module_paths(modules):
+    """Count root-to-module paths through _modules (a DAG of shared children multiplies them); refuse cycles."""
+    paths = {}  # id -> number of paths from this module down, itself included
+    for root in modules:
+        if id(root) in paths:
+            continue
+        stack, open_ids = [(root, iter(_children(root)))], {id(root)}
+        while stack:
+            module, pending = stack[-1]
+            child = next(pending, None)
+            if child is None:
+                stack.pop()
+                open_ids.discard(id(module))
+                paths[id(module)] = 1 + sum(paths[id(c)] for c in _children(module))
+                if paths[id(module)] > MAX_MODULE_PATHS:
+                    raise Refused(f"a module graph with more than {MAX_MODULE_PATHS} paths (shared submodules)")
+            elif id(child) in open_ids:
+                raise Refused("a module that contains itself")
+            elif id(child) not in paths:
+                stack.append((child, iter(_children(child))))
+                open_ids.add(id(child))
+
+
+def _children(m):
+    children = m.__dict__.get("_modules")
+    return [c for c in children.values() if isinstance(c, nn.Module)] if type(children) in DICTS else []
+
+
+# ---- the numbers fusing and casting read: consistent with the tensors they describe --------------------
+def _small_ints(v, n=None, low=0, high=4096):
+    values = v if type(v) is tuple else (v,)
+    return (n is None or len(values) == n) and all(type(x) is int and low <= x <= high for x in values)
+
+
+def _check_conv(m):
+    d, p = m.__dict__, m.__dict__["_parameters"]
+    c_in, c_out, groups, k = d.get("in_channels"), d.get("out_channels"), d.get("groups"), d.get("kernel_size")
+    dims = 1 if isinstance(m, nn.Conv1d) else 2
+    ok = (_small_ints(c_in, 1, 1, 1 << 16) and _small_ints(c_out, 1, 1, 1 << 16) and _small_ints(groups, 1, 1, 1 << 16)
+          and c_in % groups == 0 and c_out % groups == 0 and _small_ints(k, dims, 1, 64)
+          and all(_small_ints(d.get(a), dims, 0, 64) for a in ("stride", "dilation"))
+          and (d.get("padding") in ("same", "valid") or _small_ints(d.get("padding"), dims, 0, 64)))
+    if ok and isinstance(p.get("weight"), torch.Tensor):
+        expected = (c_in, c_out // groups) if d.get("transposed") else (c_out, c_in // groups)
+        ok = tuple(p["weight"].shape) == (*expected, *k)
+        ok = ok and (p.get("bias") is None or tuple(p["bias"].shape) == ((c_out,)))
+    return ok
+
+
+def _check_batchnorm(m):
+    d = m.__dict__
+    n = d.get("num_features")
+    tensors = [*d["_parameters"].values(), d["_buffers"].get("running_mean"), d["_buffers"].get("running_var")]
+    return _small_ints(n, 1, 1, 1 << 16) and type(d.get("eps")) is float and d["eps"] > 0 and all(
+        t is None or tuple(t.shape) == (n,) for t in tensors)
+
+
+def _check_linear(m):
+    d, w = m.__dict__, m.__dict__["_parameters"].get("weight")
+    return _small_ints(d.get("in_features"), 1, 1, 1 << 20) and _small_ints(d.get("out_features"), 1, 1, 1 << 20) \
+        and (w is None or tuple(w.shape) == (d["out_features"], d["in_features"]))
+
+
+def _check_upsample(m):
+    scale, size = m.__dict__.get("scale_factor"), m.__dict__.get("size")
+    return (scale is None or (type(scale) in (int, float) and 0 < scale <= 16)) and (size is None or _small_ints(size))
+
+
+NUMBER_CHECKS = {nn.Conv1d: _check_conv, nn.Conv2d: _check_conv, nn.ConvTranspose2d: _check_conv,
+                 nn.BatchNorm1d: _check_batchnorm, nn.BatchNorm2d: _check_batchnorm, nn.Linear: _check_linear,
+                 nn.Upsample: _check_upsample}
+
+
+def _check_module_numbers(m):
+    check = NUMBER_CHECKS.get(type(m))
+    if check is not None and not check(m):
+        raise Refused(f"a {type(m).__name__} whose sizes do not match its weights")
