@@ -200,11 +200,25 @@ def _is_shape(v):
 
 
 @dataclass
+class ExpansionBudget:
+    """Elements that zero-stride (expanded) views may claim beyond their storages, for the whole file.
+    YOLOv5 pickles its anchor grids as expanded views (~50k elements at 640); casting or copying such a
+    view materialises every element, so an unbounded claim is a memory bomb."""
+
+    left: int = 64 << 20
+
+    def spend(self, elements):
+        self.left -= elements
+        _require(self.left >= 0, "expanded tensor views claiming far more elements than the file holds")
+
+
+@dataclass
 class LoadedStorage:
     """A storage record read from the zip: untyped bytes plus the element type they were saved as."""
 
     untyped: torch.UntypedStorage
     dtype: torch.dtype
+    expansion: ExpansionBudget
 
     @property
     def numel(self):
@@ -219,9 +233,7 @@ def _tensor_from_storage(storage, offset, size, stride, dtype=None):
     if all(size):
         last = offset + sum((s - 1) * st for s, st in zip(size, stride))
         _require(last < storage.numel, f"a tensor reaching past its storage ({last} >= {storage.numel} elements)")
-        # a zero-stride (expanded) view could claim far more elements than the file holds; casting would
-        # then allocate them all. torch.save'd YOLO weights are never expanded views.
-        _require(math.prod(size) <= storage.numel, "a tensor with more elements than its storage (an expanded view)")
+        storage.expansion.spend(max(0, math.prod(size) - storage.numel))
     return torch.empty(0, dtype=storage.dtype).set_(storage.untyped, offset, tuple(size), tuple(stride))
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from export.safe_pickle import LoadedStorage, Refused
+from export.safe_pickle import ExpansionBudget, LoadedStorage, Refused
 
 MAX_ENTRIES = 100_000
 MAX_PICKLE_BYTES = 16 << 20  # a YOLO data.pkl is 0.1-0.2 MB (yolov8n): the weights live in the storage records
@@ -30,6 +30,7 @@ class TorchZip:
     prefix: str  # the archive's top folder, e.g. "archive/"
     big_endian: bool
     storages: dict = field(default_factory=dict)  # key -> LoadedStorage
+    expansion: ExpansionBudget = field(default_factory=ExpansionBudget)
 
     def pickle_bytes(self):
         return self.archive.read(self.prefix + "data.pkl")
@@ -51,7 +52,7 @@ class TorchZip:
         nbytes = numel * dtype.itemsize
         if info.file_size != nbytes:
             raise Refused(f"storage record {name} holds {info.file_size} bytes, not the {nbytes} its tensor declares")
-        self.storages[key] = LoadedStorage(self._read(info, nbytes, dtype), dtype)
+        self.storages[key] = LoadedStorage(self._read(info, nbytes, dtype), dtype, self.expansion)
         return self.storages[key]
 
     def _read(self, info, nbytes, dtype):

@@ -156,3 +156,17 @@ def test_dynamic_engine_builds(family, tmp_path):
     assert main(args) == 0
     report = _report(tmp_path)
     assert report["engine_build"]["profile"]["max"][0] == 8 and Path(report["engine"]).stat().st_size > 0
+
+
+def test_console_script_ignores_a_yolov5_checkout_in_the_working_directory(tmp_path):
+    """Inside a YOLOv5 checkout, `python -m export` would import its export.py and models/; the installed
+    console script must run our exporter whatever the working directory holds."""
+    script = Path(sys.executable).with_name("yolo-attn-export")
+    assert script.exists(), "the package install should create the yolo-attn-export console script"
+    marker = tmp_path / "their_code_ran"
+    (tmp_path / "export.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    proc = subprocess.run([str(script), "--weights", "missing.pt", "--no-parity"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no such file" in proc.stderr and not marker.exists()

@@ -470,6 +470,8 @@ attack("tensor/size-beyond-storage", dos=True)(lambda ws: ws.real(buffer_value=t
 attack("tensor/stride-beyond-storage", dos=True)(lambda ws: ws.real(buffer_value=tensor("zz_ok", 4, (4,), (1000,))))
 attack("tensor/offset-beyond-storage", dos=True)(
     lambda ws: ws.real(buffer_value=tensor("zz_ok", 4, (4,), (1,), offset=10 ** 6)))
+attack("tensor/expanded-view-claims-a-terabyte", says=GATE, dos=True)(  # casting it would allocate 4 TB
+    lambda ws: ws.real(buffer_value=tensor("zz_ok", 4, (1 << 20, 1 << 20), (0, 0))))
 attack("tensor/size-overflows-int64", dos=True)(
     lambda ws: ws.real(buffer_value=tensor("zz_ok", 4, (1 << 62, 4), (4, 1))))
 

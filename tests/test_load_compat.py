@@ -134,6 +134,9 @@ EXTRA_VALUES = {
     "qscheme per_channel_symmetric": (lambda: torch.per_channel_symmetric, {"torch per_channel_symmetric"}),
     "tensor with attribute": (tensor_with_attribute, {"torch._tensor _rebuild_from_type_v2"}),
     "parameter with attribute": (parameter_with_attribute, {"torch._utils _rebuild_parameter_with_state"}),
+    # YOLOv5 keeps Detect.anchor_grid as expanded (zero-stride) views of a 6-element tensor
+    "expanded anchor grid": (lambda: [torch.rand(3, 2).view(1, 3, 1, 1, 2).expand(1, 3, 80, 80, 2)],
+                             {"torch._utils _rebuild_tensor_v2"}),
 }
 
 
