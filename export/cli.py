@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 import models
 import plugins
+from export import kinds
 from export.build import BuildFailed, BuildUnavailable, build_engine
 from export.lint import lint
 from export.lint import summary as lint_summary
@@ -85,8 +86,11 @@ def run(args):
     imgsz = parse_imgsz(args.imgsz if args.imgsz is not None else loaded.imgsz or 640, max(loaded.stride))
     images = read_images(args.images, imgsz)
     out = args.out or Path("runs") / "export" / args.weights.stem
-    _say(f"loaded {args.weights} ({loaded.source}, {'fp16' if loaded.saved_half else 'fp32'} weights, {loaded.nc} "
-         f"classes)" + (f"; remapped {len(loaded.remapped)} fork classes" if loaded.remapped else ""))
+    kind = kinds.of(loaded)
+    _say(f"loaded {args.weights}: {kind.label} ({loaded.source}, {'fp16' if loaded.saved_half else 'fp32'} weights, "
+         f"{loaded.nc} classes)" + (f"; remapped {len(loaded.remapped)} classes" if loaded.remapped else ""))
+    for path, ours in loaded.remapped.items():
+        _say(f"  {path} -> {ours}")
     twin, checks = rewrite(loaded.model, imgsz, images=images[:1])
     plugin_blocks = plugins.apply(twin) if args.plugins else 0
     for c in checks:
@@ -119,7 +123,7 @@ def run(args):
     batch_images = tile(images, args.batch)
     runners = _runners(loaded, twin, imgsz, onnx_path, report.get("engine"), report)
     if not args.no_parity:
-        _parity(report, runners, batch_images, precision, args.batch, twin, imgsz)
+        _parity(report, runners, batch_images, precision, args.batch, twin, imgsz, kind.to_v8_layout)
     if args.bench:
         _bench(report, runners, batch_images[:args.batch], args.bench)
     failed = [b for b, r in report["parity"].items() if r.get("pass") is False]
@@ -141,7 +145,8 @@ def _new_report(args, loaded, onnx_path, imgsz, precision, findings, checks):
     return {"weights": str(args.weights), "onnx": str(onnx_path), "engine": None, "imgsz": list(imgsz),
             "batch": args.batch, "dynamic": args.dynamic, "precision": precision, "lint": findings,
             "modules": [c.as_dict() for c in checks], "parity": {}, "speed": {}, "notes": _notes(checks),
-            "checkpoint": {"source": loaded.source, "saved_half": loaded.saved_half, "remapped": loaded.remapped,
+            "checkpoint": {"kind": loaded.kind, "source": loaded.source, "saved_half": loaded.saved_half,
+                           "remapped": loaded.remapped,
                            "names": loaded.names, "nc": loaded.nc, "stride": loaded.stride,
                            "train_imgsz": loaded.imgsz}}
 
@@ -169,7 +174,7 @@ def _notes(checks):
 def _engine_metadata(loaded, imgsz, args, precision):
     return {"weights": str(args.weights), "names": loaded.names, "stride": max(loaded.stride), "imgsz": list(imgsz),
             "batch": args.batch, "task": loaded.task, "precision": precision, "dynamic": args.dynamic,
-            "input": "images float32 [0,1] NCHW", "output": "output0 float32 (B, 4+nc, anchors)"}
+            "input": "images float32 [0,1] NCHW", "output": kinds.of(loaded).output_layout}
 
 
 def _runners(loaded, twin, imgsz, onnx_path, engine_path, report):
@@ -184,11 +189,11 @@ def _runners(loaded, twin, imgsz, onnx_path, engine_path, report):
     return runners
 
 
-def _parity(report, runners, images, precision, batch, twin, imgsz):
+def _parity(report, runners, images, precision, batch, twin, imgsz, to_v8_layout):
     reference = runners["reference"]
     for backend in tqdm([b for b in runners if b != "reference"], desc="parity", leave=False):
         wanted = "fp32" if backend == "torch" else precision
-        report["parity"][backend] = compare(reference, runners[backend], images, wanted, batch)
+        report["parity"][backend] = compare(reference, runners[backend], images, wanted, batch, to_v8_layout)
         r = report["parity"][backend]
         _say(f"parity {backend}: max abs {r['max_abs']:.3g}, cosine {r['cosine']:.7f}, box recall {r['box_recall']:.3f}"
              f", precision {r['box_precision']:.3f}, mAP50-95 {r['map50_95']:.3f} -> {'pass' if r['pass'] else 'FAIL'}")

@@ -58,6 +58,7 @@ class LoadedCheckpoint:
     source: str  # "ema" or "model": which entry the weights came from
     saved_half: bool
     remapped: dict = field(default_factory=dict)  # fork class path -> our class path
+    kind: str = "ultralytics"  # or "yolov5": a YOLOv5-repository checkpoint (export.kinds)
 
 
 def load(path):
@@ -82,7 +83,7 @@ def load(path):
                               f"truncated or damaged, or not a YOLO checkpoint") from None
     return LoadedCheckpoint(model=model, path=path, names=names, nc=len(names), stride=stride,
                             task=_task(model), imgsz=_train_imgsz(ckpt), source=source, saved_half=saved_half,
-                            remapped=log.remapped)
+                            remapped=log.remapped, kind=log.kind)
 
 
 def _one_line(e):
@@ -183,10 +184,23 @@ def _task(model):
 
 
 def _train_imgsz(ckpt):
-    """The training image size from train_args, if it is one: an int or an [h, w] list of ints."""
-    args = ckpt.get("train_args") if isinstance(ckpt, dict) else None
+    """The training image size, if the checkpoint records one: ultralytics' train_args.imgsz (an int or
+    [h, w]), or YOLOv5's opt.imgsz / opt.img_size ([size] or [train, test] sizes: the first is training's)."""
+    if not isinstance(ckpt, dict):
+        return None
+    args = ckpt.get("train_args")
     args = vars(args) if hasattr(args, "__dict__") and not isinstance(args, torch.nn.Module) else args
-    imgsz = args.get("imgsz") if isinstance(args, dict) else None
+    if isinstance(args, dict):
+        return _image_size(args.get("imgsz"))
+    opt = ckpt.get("opt")
+    opt = vars(opt) if hasattr(opt, "__dict__") and not isinstance(opt, torch.nn.Module) else opt
+    if isinstance(opt, dict):
+        size = opt.get("imgsz", opt.get("img_size"))
+        return _image_size(size[0] if isinstance(size, (list, tuple)) and size else size)
+    return None
+
+
+def _image_size(imgsz):
     sizes = imgsz if isinstance(imgsz, (list, tuple)) else [imgsz]
     return imgsz if 1 <= len(sizes) <= 2 and all(type(v) is int and 0 < v <= 16384 for v in sizes) else None
 

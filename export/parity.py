@@ -24,6 +24,7 @@ from ultralytics.utils.metrics import ap_per_class, box_iou
 from ultralytics.utils.nms import non_max_suppression
 
 import models
+from export import kinds
 from export.images import read_images, tile
 from export.load import CheckpointError, load
 from export.rewrite import outermost_family_modules
@@ -45,7 +46,7 @@ class Thresholds:
 THRESHOLDS = {"fp32": Thresholds(1e-4, 0.99999, 0.99, 0.99), "fp16": Thresholds(2e-2, 0.999, 0.95, 0.95)}
 
 
-# ---- runners: images (B,3,H,W) float32 numpy -> (B, 4+nc, anchors) float32 numpy -------------------
+# ---- runners: images (B,3,H,W) float32 numpy -> output0 as the model emits it, float32 numpy ----------
 class TorchRunner:
     name = "torch"
 
@@ -118,7 +119,7 @@ def raw_metrics(ref, out):
     a, b = ref.ravel().astype(np.float64), out.ravel().astype(np.float64)
     cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
     return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "rel_max_abs": float(diff.max()) / scale,
-            "cosine": cosine, "top_anchor_max_rel": _top_anchor_rel(ref, out), "finite": bool(np.isfinite(out).all())}
+            "cosine": cosine, "finite": bool(np.isfinite(out).all())}
 
 
 def _top_anchor_rel(ref, out):
@@ -180,11 +181,15 @@ def _greedy_match(iou, threshold, return_ious=False):
     return matched if return_ious else tp
 
 
-def compare(reference, runner, images, precision, batch=1):
-    """Parity of `runner` against `reference` (both runners) on images: metrics and pass/fail."""
+def compare(reference, runner, images, precision, batch=1, to_v8_layout=None):
+    """Parity of `runner` against `reference` (both runners) on images: metrics and pass/fail.
+    Raw metrics compare the outputs as the model emits them; anchors and boxes are compared in the
+    (B, 4+nc, anchors) score layout `to_v8_layout` gives (export.kinds: identity for ultralytics)."""
     ref, out = _run_all(reference, images, batch), _run_all(runner, images, batch)
+    ref_v8, out_v8 = (to_v8_layout(ref), to_v8_layout(out)) if to_v8_layout else (ref, out)
     result = raw_metrics(ref, out)
-    result.update(box_metrics(detections(ref), detections(out)))
+    result["top_anchor_max_rel"] = _top_anchor_rel(ref_v8, out_v8)
+    result.update(box_metrics(detections(ref_v8), detections(out_v8)))
     limits = THRESHOLDS[precision]
     result["pass"] = bool(result["finite"] and result["rel_max_abs"] <= limits.rel_max_abs
                           and result["cosine"] >= limits.cosine and result["box_recall"] >= limits.box_recall
@@ -292,7 +297,7 @@ def _standalone(args):
             results["tensorrt"] = {"skipped": reason}
     reference = TorchRunner(fla.defined_at(loaded.model, *imgsz))
     for backend, runner in runners.items():
-        results[backend] = compare(reference, runner, images, precision, batch)
+        results[backend] = compare(reference, runner, images, precision, batch, kinds.of(loaded).to_v8_layout)
         results[backend].pop("abs_diff_sample")
     if args.bench:
         results["speed"] = {"torch": bench(reference, images[:batch], args.bench)}

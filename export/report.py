@@ -4,6 +4,7 @@ import json
 import math
 
 from export.files import atomic_write
+from export.kinds import KINDS
 
 BACKEND_LABEL = {"torch": "PyTorch (export twin)", "onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}
 
@@ -16,13 +17,15 @@ def write_report(report, out):
 
 
 def markdown(report):
+    kind = KINDS[report["checkpoint"].get("kind", "ultralytics")]
     lines = [f"# Export report: {report['weights']}", "",
+             f"- Checkpoint: {kind.label}, output `{kind.output_layout}`",
              f"- ONNX: `{report['onnx']}` ({report['precision']}, imgsz {report['imgsz']}, batch {report['batch']}"
              f"{', dynamic' if report['dynamic'] else ''})",
              f"- Engine: {('`' + report['engine'] + '`') if report.get('engine') else _skipped(report.get('engine_build'))}",
              f"- Exit code: {report['exit_code']}", ""]
     if report["checkpoint"]["remapped"]:
-        lines += ["## Fork classes remapped", "", "| in the checkpoint | reconstructed as |", "|---|---|"]
+        lines += ["## Classes remapped", "", "| in the checkpoint | reconstructed as |", "|---|---|"]
         lines += [f"| `{k}` | `{v}` |" for k, v in report["checkpoint"]["remapped"].items()] + [""]
     lines += ["## Rewritten blocks (export twin vs reference on this block's real input)", "",
               "| block | reference → twin | input | max abs | rel | note |", "|---|---|---|---|---|---|"]

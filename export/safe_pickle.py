@@ -39,6 +39,7 @@ from ultralytics.nn.modules import block, conv, head
 from ultralytics.utils import IterableSimpleNamespace
 
 import models
+from models import yolov5
 
 MAX_GLOBAL_NAME = 256  # characters in a module or class name
 MAX_UNKNOWN_GLOBALS = 256  # distinct unknown names one file may reference
@@ -180,8 +181,10 @@ STORAGE_DTYPES = {"DoubleStorage": torch.float64, "FloatStorage": torch.float32,
 MODULE_CLASSES = _module_classes()
 PLAIN_CLASSES = _plain_classes()
 FAMILY_CLASSES = _family_classes()
+YOLOV5_CLASSES = yolov5.class_table()  # models.yolo.Detect, models.common.C3, ... -> our compat / ultralytics classes
 CONSTANTS = _constants()
-TABLE_MODULE_TYPES = frozenset(MODULE_CLASSES.values()) | frozenset(FAMILY_CLASSES.values())
+TABLE_MODULE_TYPES = (frozenset(MODULE_CLASSES.values()) | frozenset(FAMILY_CLASSES.values())
+                      | frozenset(YOLOV5_CLASSES.values()))
 TABLE_PLAIN_TYPES = frozenset(PLAIN_CLASSES.values())
 
 
@@ -520,6 +523,7 @@ BUILT_BY_NUMPY = {np_reconstruct: _build_ndarray, make_np_dtype: _build_dtype}
 class UnpickleLog:
     remapped: dict = field(default_factory=dict)  # "fork.path.Name" -> "models.family.Name"
     unknown: dict = field(default_factory=dict)  # "module.Name" -> placeholder class
+    kind: str = "ultralytics"  # "yolov5" once a YOLOv5-repository class path is resolved
 
     def placeholder(self, module, name):
         key = f"{module}.{name}"
@@ -562,6 +566,10 @@ class GatedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: every opc
         for table in (OPS, MARKERS, CONSTANTS, MODULE_CLASSES, PLAIN_CLASSES):
             if qual in table:
                 return table[qual]
+        if qual in YOLOV5_CLASSES:  # looked up, never imported: their `models` is not our `models`
+            self.log.kind = "yolov5"
+            self.log.remapped[qual] = _qualname(YOLOV5_CLASSES[qual])
+            return YOLOV5_CLASSES[qual]
         if qual == RECONSTRUCTOR:
             return Op(RECONSTRUCTOR, None)
         if module in ("torch", "torch.cuda") and name in STORAGE_DTYPES:

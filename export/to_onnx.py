@@ -1,7 +1,8 @@
 """Export a (rewritten) YOLO model to ONNX that ultralytics, ONNX Runtime and TensorRT's parsers read.
 
-Layout as ultralytics' own export: `images` float32 [0,1] NCHW in, `output0` (B, 4+nc, anchors) float32
-out, metadata props (names, stride, imgsz, task, batch, ...). With half=True weights and activations
+Layout as the checkpoint kind's own export (export.kinds): `images` float32 [0,1] NCHW in, `output0`
+float32 out — (B, 4+nc, anchors) for ultralytics, (B, anchors, 5+nc) for YOLOv5 — and metadata props
+(names, stride, imgsz, task, batch, ...; YOLOv5's DetectMultiBackend reads stride and names). With half=True weights and activations
 are fp16 and the families' fp32 islands are explicit Cast nodes; input and output stay fp32.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from export import kinds
 from export.files import atomic_write
 from plugins import attach_functions
 
@@ -52,7 +54,7 @@ def export_module(module, example, path, opset=17, input_names=("x",), output_na
 
 
 class _Deployable(torch.nn.Module):
-    """fp32 images in, fp32 (B, 4+nc, anchors) out, whatever precision runs inside."""
+    """fp32 images in, fp32 predictions out, whatever precision runs inside."""
 
     def __init__(self, model, half):
         super().__init__()
@@ -65,13 +67,15 @@ class _Deployable(torch.nn.Module):
 
 def export_yolo(twin, loaded, path, imgsz, batch=1, dynamic=False, half=False, opset=17, simplify=True):
     """Export the rewritten model `twin` of checkpoint `loaded` to `path`; returns the ModelProto."""
+    kind = kinds.of(loaded)
     model = copy.deepcopy(twin).eval()
     model = model.half() if half else model.float()
     for m in model.modules():
-        if hasattr(m, "export") and hasattr(m, "stride") and hasattr(m, "nc"):  # Detect-like heads
-            m.export, m.format, m.dynamic = True, "onnx", dynamic
+        if kinds.is_head(m):
+            kind.export_head(m, dynamic)
     model = _Deployable(model, half)
-    axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 2: "anchors"}} if dynamic else None
+    axes = {"images": {0: "batch", 2: "height", 3: "width"},
+            "output0": {0: "batch", kind.anchors_axis: "anchors"}} if dynamic else None
     proto = trace(model, torch.zeros(batch, 3, *imgsz), opset, ("images",), ("output0",), axes)
     if simplify:
         import onnxslim

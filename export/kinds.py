@@ -1,0 +1,45 @@
+"""What differs between checkpoint kinds, in one place each: ultralytics 8.x vs the YOLOv5 repository.
+
+The loader tells which kind a checkpoint is (LoadedCheckpoint.kind); every later stage asks this
+module, never `if yolov5:` of its own:
+- `export_head(head, dynamic)`: put the detection head in export mode;
+- `anchors_axis` / `output_layout`: where the predictions lie in `output0` (dynamic axes, engine metadata);
+- `to_v8_layout(pred)`: raw output -> (B, 4+nc, anchors) class scores, for the shared NMS and metrics;
+- `label`: how the CLI and the report name the checkpoint.
+The YOLOv5 side lives in models/yolov5.py with its compat classes.
+"""
+
+from dataclasses import dataclass
+
+from models import yolov5
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    label: str
+    output_layout: str
+    anchors_axis: int
+    export_head: object
+    to_v8_layout: object
+
+
+def _ultralytics_export_head(head, dynamic):
+    head.export, head.format, head.dynamic = True, "onnx", dynamic
+
+
+ULTRALYTICS = Kind("ultralytics", "ultralytics checkpoint", "output0 float32 (B, 4+nc, anchors)", 2,
+                   _ultralytics_export_head, lambda pred: pred)
+YOLOV5 = Kind("yolov5", "YOLOv5 checkpoint", yolov5.OUTPUT_LAYOUT, yolov5.ANCHORS_AXIS, yolov5.export_head,
+              yolov5.to_v8_layout)
+KINDS = {k.name: k for k in (ULTRALYTICS, YOLOV5)}
+
+
+def of(loaded):
+    """The Kind of a LoadedCheckpoint."""
+    return KINDS[loaded.kind]
+
+
+def is_head(module):
+    """Detection heads of either kind (they carry stride, nc and an export switch)."""
+    return hasattr(module, "export") and hasattr(module, "stride") and hasattr(module, "nc")
