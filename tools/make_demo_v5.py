@@ -35,8 +35,8 @@ with repo-style `models.*` paths, computes exactly what train.py's best.pt compu
 
     python tools/make_demo_v5.py --inspect models/demo/yolov5s-s2.pt
 
-prints the checkpoint's pickle globals and the S2 block's width without importing yolov5 (any Python
-with torch), reading the pickle with stand-in classes for `models.*`.
+(in the project's environment) prints the checkpoint's pickle globals and the S2 block's width,
+reading the file through the exporter's gated loader: no YOLOv5 code, nothing from the file run.
 """
 
 import argparse
@@ -222,30 +222,19 @@ def s2_width_from_pickle(path):
             return next(a for o, a, _ in ops if isinstance(a, int) and o.name.startswith("BININT"))
 
 
-def load_with_standins(path):
-    """torch.load with empty nn.Module stand-ins for `models.*`, so no YOLOv5 code is needed or run."""
-    import pickle
-    import types
+def load_gated(path):
+    """The checkpoint as the exporter's gated unpickler rebuilds it (nothing in the file runs, no YOLOv5 code)."""
+    sys.path.insert(0, str(REPO))
+    from export.safe_pickle import UnpickleLog, unpickle
+    from export.torch_zip import open_torch_zip
 
-    import torch
-
-    standins = {}
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if module == "models" or module.startswith("models."):
-                key = f"{module}.{name}"
-                return standins.setdefault(key, type(name, (torch.nn.Module,), {"__module__": module}))
-            return super().find_class(module, name)
-
-    mod = types.ModuleType("standin_pickle")
-    mod.__dict__.update(pickle.__dict__)
-    mod.Unpickler = Unpickler
-    return torch.load(path, map_location="cpu", pickle_module=mod, weights_only=False)
+    archive = open_torch_zip(Path(path), Path(path).stat().st_size)
+    with archive.archive:
+        return unpickle(archive.pickle_bytes(), UnpickleLog(), archive.storage)
 
 
 def inspect(path):
-    ckpt = load_with_standins(path)
+    ckpt = load_gated(path)
     model = ckpt["model"]
     s2 = [m for m in model.modules() if type(m).__name__ == "S2Attention"]
     print("globals:", *pickle_globals(path), sep="\n  ")
