@@ -66,9 +66,8 @@ def load(path):
     kind = _check_file(path)
     if kind != "zip":
         raise CheckpointError(f"{path} is in torch's {kind} format, which we do not read; {RESAVE}")
-    log = UnpickleLog()
     try:
-        ckpt = _read(path, log)
+        ckpt, log = read(path)
         model, source = _pick_model(ckpt, path)
         _refuse_unknowns(log, model)
         saved_half = next(model.parameters()).dtype == torch.float16
@@ -121,8 +120,10 @@ def _check_file(path):
                           f"pass the best.pt that training wrote")
 
 
-def _read(path, log):
-    """Unpickle through the gate, then validate the whole object graph."""
+def read(path):
+    """(checkpoint, UnpickleLog): the file as the gated unpickler rebuilds it, validated as a whole, before
+    anything is cast, fused or run. Raises CheckpointError (bad archive) or Refused."""
+    log = UnpickleLog()
     try:
         archive = open_torch_zip(path, path.stat().st_size)
     except NotTorchZip as e:
@@ -132,7 +133,7 @@ def _read(path, log):
     with archive.archive:
         ckpt = unpickle(archive.pickle_bytes(), log, archive.storage)
     object_graph.validate(ckpt)
-    return ckpt
+    return ckpt, log
 
 
 def _pick_model(ckpt, path):
@@ -188,16 +189,19 @@ def _train_imgsz(ckpt):
     [h, w]), or YOLOv5's opt.imgsz / opt.img_size ([size] or [train, test] sizes: the first is training's)."""
     if not isinstance(ckpt, dict):
         return None
-    args = ckpt.get("train_args")
-    args = vars(args) if hasattr(args, "__dict__") and not isinstance(args, torch.nn.Module) else args
-    if isinstance(args, dict):
+    args, opt = _as_dict(ckpt.get("train_args")), _as_dict(ckpt.get("opt"))
+    if args is not None:
         return _image_size(args.get("imgsz"))
-    opt = ckpt.get("opt")
-    opt = vars(opt) if hasattr(opt, "__dict__") and not isinstance(opt, torch.nn.Module) else opt
-    if isinstance(opt, dict):
+    if opt is not None:
         size = opt.get("imgsz", opt.get("img_size"))
         return _image_size(size[0] if isinstance(size, (list, tuple)) and size else size)
     return None
+
+
+def _as_dict(args):
+    """A dict or namespace of training arguments as a dict (None otherwise)."""
+    args = vars(args) if hasattr(args, "__dict__") and not isinstance(args, torch.nn.Module) else args
+    return args if isinstance(args, dict) else None
 
 
 def _image_size(imgsz):

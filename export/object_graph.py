@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from export.safe_pickle import (NAMESPACES, TABLE_MODULE_TYPES, TABLE_PLAIN_TYPES, Refused, Unknown,
-                                _check_state_keys)
+                                _check_state_keys, plain_key)
 
 MAX_DEPTH = 100  # nesting of containers and modules; deeper structures break recursive library code
 MAX_OBJECTS = 5_000_000
@@ -35,7 +35,6 @@ HOOK_TABLES = ("_backward_pre_hooks", "_backward_hooks", "_forward_hooks", "_for
 @dataclass
 class GraphReport:
     modules: list = field(default_factory=list)  # every module instance, table or placeholder
-    placeholders: list = field(default_factory=list)  # Unknown instances found
 
 
 def validate(root):
@@ -71,7 +70,7 @@ class _Walk:
     def _visit(self, obj, depth):
         kind = type(obj)
         if kind in DICTS:
-            if not all(_primitive_key(k) for k in obj):
+            if not all(plain_key(k) for k in obj):
                 raise Refused("a dict with a key that is not a number, string or tuple of those")
             self._push(obj.values(), depth)
         elif kind in SEQUENCES or kind is torch.Size:
@@ -124,7 +123,6 @@ class _Walk:
     def _placeholder(self, m, depth):
         """An unknown class: reported by the loader, so only its submodules are looked at."""
         self.report.modules.append(m)
-        self.report.placeholders.append(m)
         children = m.__dict__.get("_modules")
         if type(children) in (dict, collections.OrderedDict):
             self._push([v for v in children.values() if isinstance(v, nn.Module)], depth)
@@ -154,10 +152,6 @@ def _subtree(root):
             if id(c) not in seen:
                 seen.add(id(c))
                 todo.append(c)
-
-
-def _primitive_key(k):
-    return type(k) in (type(None), bool, int, float, str, bytes) or (type(k) is tuple and all(map(_primitive_key, k)))
 
 
 def _name(obj):

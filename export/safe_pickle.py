@@ -304,7 +304,7 @@ def get_layout(name):
     return value
 
 
-def _primitive(v):
+def plain_key(v):
     """A dict key or set item we allow: a number, string, bytes, None, or a small tuple of those. Small
     matters: hashing a deeply nested tuple recurses in C and overflows the stack, and a large one re-hashed
     on every reference costs time without bound."""
@@ -328,19 +328,19 @@ def _cost(obj):
 
 
 def make_ordered_dict(items=()):
-    _require(type(items) in (list, tuple) and all(type(p) in (list, tuple) and len(p) == 2 and _primitive(p[0])
+    _require(type(items) in (list, tuple) and all(type(p) in (list, tuple) and len(p) == 2 and plain_key(p[0])
                                                   for p in items), "a malformed OrderedDict")
     return collections.OrderedDict(items)
 
 
 def make_counter(mapping=None):
-    _require(mapping is None or (type(mapping) is dict and all(map(_primitive, mapping))), "a malformed Counter")
+    _require(mapping is None or (type(mapping) is dict and all(map(plain_key, mapping))), "a malformed Counter")
     return collections.Counter(mapping or {})
 
 
 def _make_set(kind):
     def make(items=()):
-        _require(type(items) in (list, tuple) and all(map(_primitive, items)), f"a malformed {kind.__name__}")
+        _require(type(items) in (list, tuple) and all(map(plain_key, items)), f"a malformed {kind.__name__}")
         return kind(items)
 
     return make
@@ -622,11 +622,7 @@ class GatedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: every opc
             self._unbuilt[id(obj)] = (obj, builder)
         return obj
 
-    def load_reduce(self):
-        args = self.stack.pop()
-        self.stack[-1] = self._new(self.stack[-1], args)
-
-    def load_newobj(self):
+    def load_reduce(self):  # also NEWOBJ: both go through the same gate
         args = self.stack.pop()
         self.stack[-1] = self._new(self.stack[-1], args)
 
@@ -655,7 +651,7 @@ class GatedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: every opc
 
     def _key(self, key):
         self._charge(key)
-        _require(_primitive(key), "a dict key or set item that is not a number, string or small tuple of those")
+        _require(plain_key(key), "a dict key or set item that is not a number, string or small tuple of those")
         return key
 
     def load_setitem(self):
@@ -691,7 +687,7 @@ class GatedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: every opc
         raise Refused("a protocol-0 persistent id")
 
     dispatch = dict(pickle._Unpickler.dispatch)
-    for _code, _method in ((pickle.REDUCE, load_reduce), (pickle.NEWOBJ, load_newobj), (pickle.NEWOBJ_EX, load_newobj_ex),
+    for _code, _method in ((pickle.REDUCE, load_reduce), (pickle.NEWOBJ, load_reduce), (pickle.NEWOBJ_EX, load_newobj_ex),
                            (pickle.BUILD, load_build), (pickle.SETITEM, load_setitem), (pickle.SETITEMS, load_setitems),
                            (pickle.APPEND, load_append), (pickle.APPENDS, load_appends), (pickle.ADDITEMS, load_additems),
                            (pickle.DICT, load_dict), (pickle.FROZENSET, load_frozenset), (pickle.PERSID, load_persid)):

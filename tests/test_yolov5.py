@@ -20,7 +20,7 @@ import torch
 
 import export
 from export.cli import main
-from export.load import CheckpointError
+from export.load import CheckpointError, read
 from tests.crafted import call, glob, pickle_of, read_zip, write_zip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,16 +137,6 @@ def test_fp16_engine_builds(tmp_path):
     assert (tmp_path / "yolov5s-s2_fp16.engine").stat().st_size > 0
 
 
-def _raw_checkpoint(path):
-    """The checkpoint as the gated unpickler rebuilds it, before the loader casts and fuses it."""
-    from export.safe_pickle import UnpickleLog, unpickle
-    from export.torch_zip import open_torch_zip
-
-    archive = open_torch_zip(path, path.stat().st_size)
-    with archive.archive:
-        return unpickle(archive.pickle_bytes(), UnpickleLog(), archive.storage)
-
-
 def _as_yolov5_paths(src, dst, renames):
     """A copy of a torch.save zip whose pickle names its classes under YOLOv5's module paths."""
     top, records = read_zip(src)
@@ -167,7 +157,7 @@ def _yolov5_renames(extra=()):
 
 def test_unstripped_last_pt_layout_loads(tmp_path):
     """train.py's last.pt mid-training: model and ema in half, optimizer state, numpy best_fitness, opt."""
-    model = _raw_checkpoint(DEMO)["model"].float()
+    model = read(DEMO)[0]["model"].float()
     model.names = list(NAMES.values())  # older releases keep names as a list
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.937, nesterov=True)
     for p in model.parameters():
@@ -191,7 +181,7 @@ def test_another_family_inside_yolov5(tmp_path):
     """STA in place of the demo's S2 block, saved under YOLOv5's paths: loads as YOLOv5 and exports exactly."""
     from models.sta import Fold, StAttention, StokenAttention, Unfold
 
-    model = _raw_checkpoint(DEMO)["model"].float()
+    model = read(DEMO)[0]["model"].float()
     s2 = model.model[24]
     sta = StokenAttention(512, stoken_size=(4, 4))
     sta.i, sta.f, sta.type = s2.i, s2.f, "models.common.StokenAttention"

@@ -225,12 +225,9 @@ def s2_width_from_pickle(path):
 def load_gated(path):
     """The checkpoint as the exporter's gated unpickler rebuilds it (nothing in the file runs, no YOLOv5 code)."""
     sys.path.insert(0, str(REPO))
-    from export.safe_pickle import UnpickleLog, unpickle
-    from export.torch_zip import open_torch_zip
+    from export.load import read
 
-    archive = open_torch_zip(Path(path), Path(path).stat().st_size)
-    with archive.archive:
-        return unpickle(archive.pickle_bytes(), UnpickleLog(), archive.storage)
+    return read(Path(path))[0]
 
 
 def inspect(path):
