@@ -1,6 +1,6 @@
 """Build a TensorRT engine from an exported ONNX file.
 
-    info = build_engine(onnx_path, engine_path, half=True, imgsz=(640, 640))
+    info = build_engine(onnx_path, engine_path, precision="fp16", imgsz=(640, 640))
 
 Backend: the `tensorrt` Python API when it imports and a CUDA GPU is present; otherwise TensorRT for
 RTX (`tensorrt_rtx`), which parses and builds ahead of time on a CPU-only host. Precision:
@@ -8,6 +8,11 @@ RTX (`tensorrt_rtx`), which parses and builds ahead of time on a CPU-only host. 
   types, so the fp16 ONNX with its explicit fp32 islands is built as is;
 - TensorRT < 10.12 (Jetson): the same fp16 ONNX with the FP16 builder flag, and every layer the ONNX
   types as fp32 pinned to fp32 (OBEY_PRECISION_CONSTRAINTS), so the islands survive.
+INT8 builds the QDQ ONNX (calib/): strongly typed TensorRT takes the Q/DQ as is (int8 where the file
+quantizes, the file's float types elsewhere); TensorRT < 10.12 needs the INT8 and FP16 flags for an
+explicitly quantized network, and the fp16 export's fp32 islands (`fp32_layers`, by node name) are
+pinned to fp32. TensorRT for RTX parses and builds QDQ files, but its support matrix has int8 only as
+weight-only GEMM quantization, not int8 activations: the report says so (RTX_INT8_NOTE).
 The timing cache (full TensorRT) is a file reused across builds; the engine's metadata is a JSON file beside it
 (not prepended to the engine, so trtexec loads the engine as is).
 """
@@ -20,6 +25,11 @@ import plugins
 from export.files import atomic_write
 
 STRONGLY_TYPED_SINCE = (10, 12)
+PRECISIONS = ("fp32", "fp16", "int8")
+RTX_INT8_NOTE = ("TensorRT for RTX built this engine from the QDQ ONNX (its parser accepts the file), but NVIDIA's "
+                 "TensorRT-RTX support matrix lists int8 only as weight-only GEMM quantization, not int8 activations: "
+                 "this is not an int8-activation engine; for int8 on Jetson / datacenter GPUs build with TensorRT "
+                 "(`tensorrt`) from the same file")
 DEFAULT_CACHE = Path.home() / ".cache" / "yolo-attn-export" / "timing.cache"
 
 
@@ -56,8 +66,11 @@ def _version(trt):
     return tuple(int(p) for p in trt.__version__.split(".")[:2])
 
 
-def build_engine(onnx_path, engine_path, half, imgsz, batch=1, dynamic=False, workspace_gib=4.0, cache_path=None,
-                 metadata=None, plugins=False):
+def build_engine(onnx_path, engine_path, precision, imgsz, batch=1, dynamic=False, workspace_gib=4.0, cache_path=None,
+                 metadata=None, plugins=False, fp32_layers=()):
+    """Build and write `engine_path` (+ .json) from the ONNX of `precision` ('fp32', 'fp16' or 'int8')."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     trt, flavour = backend()
     plugin_note = _register_plugins(flavour) if plugins else None
     strongly_typed = flavour == "tensorrt_rtx" or _version(trt) >= STRONGLY_TYPED_SINCE
@@ -70,8 +83,10 @@ def build_engine(onnx_path, engine_path, half, imgsz, batch=1, dynamic=False, wo
         raise BuildFailed(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2 ** 30))
-    if half and not strongly_typed:
+    if precision == "fp16" and not strongly_typed:
         _weakly_typed_fp16(trt, network, config)
+    if precision == "int8" and not strongly_typed:
+        _weakly_typed_int8(trt, network, config, set(fp32_layers))
     profile = _profile(trt, builder, network, imgsz, batch, dynamic)
     if profile is not None:
         config.add_optimization_profile(profile)
@@ -86,11 +101,15 @@ def build_engine(onnx_path, engine_path, half, imgsz, batch=1, dynamic=False, wo
     if cache_path:
         _save_timing_cache(config, cache, cache_path)
     info = {"backend": flavour, "tensorrt_version": trt.__version__, "strongly_typed": strongly_typed,
-            "precision": "fp16" if half else "fp32", "build_s": round(seconds, 2), "bytes": serialized.nbytes,
+            "precision": precision, "build_s": round(seconds, 2), "bytes": serialized.nbytes,
             "timing_cache": str(cache_path) if cache_path else "none (TensorRT-RTX has no timing cache)",
             "dynamic": dynamic,
             "profile": _profile_shapes(imgsz, batch) if dynamic else None,
             "plugins": plugin_note or ("registered: TensorRT runs yolo_attn plugins" if plugins else None)}
+    if precision == "int8":
+        info["int8"] = RTX_INT8_NOTE if flavour == "tensorrt_rtx" else (
+            "explicit quantization: Q/DQ from the ONNX" + ("" if strongly_typed else
+                                                           ", INT8 + FP16 flags, fp32 islands pinned"))
     atomic_write(Path(engine_path), bytes(serialized))
     atomic_write(Path(f"{engine_path}.json"), json.dumps({**(metadata or {}), "engine": info}, indent=2).encode())
     return info
@@ -120,6 +139,20 @@ def _weakly_typed_fp16(trt, network, config):
         layer = network.get_layer(i)
         outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
         if outputs and all(o.dtype == trt.float32 for o in outputs) and layer.type != trt.LayerType.CONSTANT:
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+
+
+def _weakly_typed_int8(trt, network, config, fp32_layers):
+    """TensorRT < 10.12: an explicitly quantized network needs the INT8 flag, and FP16 so that what the Q/DQ leave
+    float runs in fp16; the fp16 export's fp32 islands (node names = layer names) stay fp32."""
+    config.set_flag(trt.BuilderFlag.INT8)
+    config.set_flag(trt.BuilderFlag.FP16)
+    config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.name in fp32_layers and layer.type != trt.LayerType.CONSTANT:
             layer.precision = trt.float32
             for j in range(layer.num_outputs):
                 layer.set_output_type(j, trt.float32)

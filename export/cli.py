@@ -6,15 +6,23 @@ Exit codes: 0 ok, 2 bad input, 3 export or build failed, 4 parity failed (artifa
 import argparse
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import onnx
 from tqdm import tqdm
 
 import models
 import plugins
+from calib.demo import demo_dataset
+from calib.int8 import Int8Job, make_int8
+from calib.quantize import METHODS
+from calib.rules import blocks as int8_blocks
+from calib.rules import fp32_islands
+from calib.source import DEFAULT_N, calibration_files
 from export import kinds
-from export.build import BuildFailed, BuildUnavailable, build_engine
+from export.accuracy import labelled_map, read_dataset
+from export.build import PRECISIONS, BuildFailed, BuildUnavailable, build_engine
 from export.lint import lint
 from export.lint import summary as lint_summary
 from export.load import CheckpointError, load
@@ -39,7 +47,8 @@ class ExportFailed(Exception):
 def parser():
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0],
                                 epilog="Also: python -m export parity --weights W --onnx F [--engine E] [--bench N]. "
-                                       "Exit codes: 0 ok, 2 bad input, 3 export or build failed, 4 parity failed.")
+                                       "Exit codes: 0 ok, 2 bad input, 3 export or build failed, 4 parity or int8 "
+                                       "accuracy failed.")
     p.add_argument("--weights", type=Path, default=models.demo_checkpoint("sta"),
                    help="checkpoint to export (default: the shipped STA demo model)")
     p.add_argument("--imgsz", default=None, help="N or H,W, multiples of the model stride (default: training imgsz)")
@@ -47,8 +56,21 @@ def parser():
     p.add_argument("--dynamic", action="store_true", help="dynamic batch and spatial axes")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--half", action="store_true", help="fp16 ONNX with explicit fp32 islands")
-    p.add_argument("--engine", choices=("fp32", "fp16"), default=None,
-                   help="build a TensorRT engine (fp16 builds from the fp16 ONNX)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write <stem>_int8.onnx: int8 QDQ (TensorRT explicit quantization), calibrated on --calib "
+                        "or the train split of --data (the demo models: their own synthetic dataset)")
+    p.add_argument("--engine", choices=PRECISIONS, default=None,
+                   help="build a TensorRT engine from the ONNX of that precision (int8 implies --int8)")
+    p.add_argument("--calib", type=Path, default=None, help="folder of INT8 calibration images")
+    p.add_argument("--calib-n", type=int, default=DEFAULT_N, help="calibration images used, spread evenly (0: all)")
+    p.add_argument("--calib-method", choices=tuple(METHODS), default="max", help="activation range calibration")
+    p.add_argument("--data", type=Path, default=None,
+                   help="dataset YAML (ultralytics or YOLOv5): labelled mAP50 / mAP50-95 on its val split for every "
+                        "model the run produces")
+    p.add_argument("--int8-tolerance", type=float, default=1.0, metavar="POINTS",
+                   help="largest int8 mAP50-95 drop against fp32 (points) before blocks are kept float")
+    p.add_argument("--int8-exclude", action="append", default=[], metavar="NAME",
+                   help="module path kept float in the int8 model, e.g. model.10 (repeatable)")
     p.add_argument("--workspace", type=float, default=4.0, help="TensorRT workspace limit, GiB")
     p.add_argument("--plugins", action="store_true",
                    help="emit STA unfold/fold and the S2 shift as yolo_attn custom ops backed by local ONNX functions "
@@ -77,14 +99,12 @@ def main(argv=None):
 
 
 def run(args):
-    if args.batch < 1 or args.bench < 0:
-        raise UsageError("--batch must be >= 1 and --bench >= 0")
-    if args.half and args.engine == "fp32":
-        raise UsageError("--engine fp32 builds from an fp32 ONNX: drop --half (or use --engine fp16)")
-    precision = "fp16" if args.half or args.engine == "fp16" else "fp32"
+    plan = _plan(args)
     loaded = load(args.weights)
     imgsz = parse_imgsz(args.imgsz if args.imgsz is not None else loaded.imgsz or 640, max(loaded.stride))
     images = read_images(args.images, imgsz)
+    data = _labelled_data(args, plan)
+    calibration = calibration_files(args.calib, data, args.calib_n) if "int8" in plan.files else None
     out = args.out or Path("runs") / "export" / args.weights.stem
     kind = kinds.of(loaded)
     _say(f"loaded {args.weights}: {kind.label} ({loaded.source}, {'fp16' if loaded.saved_half else 'fp32'} weights, "
@@ -92,46 +112,173 @@ def run(args):
     for path, ours in loaded.remapped.items():
         _say(f"  {path} -> {ours}")
     twin, checks = rewrite(loaded.model, imgsz, images=images[:1])
+    _check_excludes(twin, args.int8_exclude)
     plugin_blocks = plugins.apply(twin) if args.plugins else 0
     for c in checks:
         _say(f"  {c.name}: {c.reference} -> {c.twin}, max abs diff {c.max_abs:.3g} ({c.rel:.2g} of scale)"
              + (f"; note: {c.note}" if c.note else ""))
     out.mkdir(parents=True, exist_ok=True)
-    onnx_path = out / f"{args.weights.stem}{'_fp16' if precision == 'fp16' else ''}.onnx"
-    proto = _stage("ONNX export", lambda: export_yolo(
-        twin, loaded, onnx_path, imgsz, batch=args.batch, dynamic=args.dynamic, half=precision == "fp16",
-        opset=args.opset, simplify=not args.no_simplify))
-    _say(f"wrote {onnx_path}")
-    findings = lint(proto, dynamic=args.dynamic)
-    _say(f"lint: {lint_summary(findings)}")
-    for f in findings:
-        _say(f"  {f['severity']}: {f['message']} ({f['node']})")
-    report = _new_report(args, loaded, onnx_path, imgsz, precision, findings, checks)
+    files = _export_float(args, plan, twin, loaded, imgsz, out)
+    report = _new_report(args, loaded, files, imgsz, plan, checks)
     if args.plugins:
-        report["plugins"] = _plugin_summary(proto, plugin_blocks)
+        report["plugins"] = _plugin_summary(onnx.load(str(files[plan.float_files[0]])), plugin_blocks)
         _say(f"plugins: {report['plugins']['nodes']} custom-op nodes in {plugin_blocks} blocks, backed by local "
              f"functions {report['plugins']['functions']}")
+    accuracy = Accuracy(data, imgsz, args.batch, kind.to_v8_layout, loaded.names)
+    if calibration:
+        files["int8"] = out / f"{args.weights.stem}_int8.onnx"
+        report["int8"] = _int8(args, loaded.model, kind, files, calibration, imgsz, accuracy)
+    report["onnx_files"] = {p: str(f) for p, f in files.items()}
+    report["onnx"] = str(files[plan.primary])
+    _lint(report, files)
     if args.engine:
-        engine_path = out / f"{args.weights.stem}{'_fp16' if precision == 'fp16' else ''}.engine"
-        info = _stage("TensorRT build", lambda: build_engine(
-            onnx_path, engine_path, half=precision == "fp16", imgsz=imgsz, batch=args.batch, dynamic=args.dynamic,
-            workspace_gib=args.workspace, metadata=_engine_metadata(loaded, imgsz, args, precision),
-            plugins=args.plugins))
-        report["engine"], report["engine_build"] = str(engine_path), info
-        _say(f"wrote {engine_path} ({info['backend']} {info['tensorrt_version']}, {info['build_s']} s) "
-             f"and {engine_path.name}.json")
+        _engine(args, report, loaded, imgsz, files, out)
+    runners = _runners(loaded, twin, imgsz, {_backend_key(p, plan): f for p, f in files.items()},
+                       report.get("engine"), report)
     batch_images = tile(images, args.batch)
-    runners = _runners(loaded, twin, imgsz, onnx_path, report.get("engine"), report)
     if not args.no_parity:
-        _parity(report, runners, batch_images, precision, args.batch, twin, imgsz, kind.to_v8_layout)
+        _parity(report, runners, batch_images, plan, args.batch, twin, imgsz, kind.to_v8_layout)
+    if data:
+        report["accuracy"] = accuracy.table(runners, _precision_of(report, plan))
     if args.bench:
         _bench(report, runners, batch_images[:args.batch], args.bench)
+    return _finish(report, out)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which ONNX files the run writes and which one is primary (the engine's, else the most reduced)."""
+    files: tuple  # precisions, e.g. ("fp32", "fp16", "int8")
+    primary: str
+
+    @property
+    def float_files(self):
+        return tuple(p for p in self.files if p != "int8")
+
+
+def _plan(args):
+    if args.batch < 1 or args.bench < 0 or args.calib_n < 0 or args.int8_tolerance < 0:
+        raise UsageError("--batch must be >= 1, and --bench, --calib-n and --int8-tolerance >= 0")
+    if args.half and args.engine == "fp32":
+        raise UsageError("--engine fp32 builds from an fp32 ONNX: drop --half (or use --engine fp16)")
+    int8 = args.int8 or args.engine == "int8"
+    if not int8 and (args.calib or args.int8_exclude):
+        raise UsageError("--calib and --int8-exclude configure the int8 model: add --int8 (or --engine int8)")
+    half = args.half or args.engine == "fp16"
+    files = ("fp32", "fp16", "int8") if int8 else ("fp16",) if half else ("fp32",)
+    primary = args.engine or ("int8" if int8 else "fp16" if half else "fp32")
+    return Plan(files, primary)
+
+
+def _labelled_data(args, plan):
+    """--data, else the demo dataset when an int8 run on a shipped demo model has no other calibration source."""
+    if args.data is not None:
+        read_dataset(args.data)  # fail now (exit 2) rather than after the export
+        return args.data
+    if "int8" in plan.files and args.calib is None and _is_demo(args.weights):
+        data = demo_dataset()
+        _say(f"demo dataset: {data.parent} (calibration: train split, accuracy: val split)")
+        return data
+    return None
+
+
+def _is_demo(weights):
+    try:
+        return Path(weights).resolve().parent == models.DEMO_DIR.resolve()
+    except OSError:
+        return False
+
+
+def _check_excludes(model, names):
+    known = {n for n, _ in model.named_modules() if n}
+    for name in names:
+        if name not in known:
+            example = ", ".join(b.path for b in int8_blocks(model, kinds.ULTRALYTICS)[:3])
+            raise UsageError(f"--int8-exclude {name}: no such module in the model; use module paths such as "
+                             f"{example}")
+
+
+def _export_float(args, plan, twin, loaded, imgsz, out):
+    files = {}
+    for precision in plan.float_files:
+        path = out / f"{args.weights.stem}{'' if precision == 'fp32' else '_' + precision}.onnx"
+        _stage("ONNX export", lambda: export_yolo(
+            twin, loaded, path, imgsz, batch=args.batch, dynamic=args.dynamic, half=precision == "fp16",
+            opset=args.opset, simplify=not args.no_simplify))
+        _say(f"wrote {path}")
+        files[precision] = path
+    return files
+
+
+def _lint(report, files):
+    report["lint"] = []
+    for precision, path in files.items():
+        findings = lint(onnx.load(str(path)), dynamic=report["dynamic"])
+        _say(f"lint {path.name}: {lint_summary(findings)}")
+        for f in findings:
+            _say(f"  {f['severity']}: {f['message']} ({f['node']})")
+            report["lint"].append({**f, "onnx": precision})
+
+
+def _int8(args, model, kind, files, calibration, imgsz, accuracy):
+    calib_files, source = calibration
+    job = Int8Job(files["fp32"], files["int8"], model, kind, calib_files, source, imgsz, args.batch,
+                  args.calib_method, list(args.int8_exclude), args.int8_tolerance)
+    _say(f"int8: calibrating on {len(calib_files)} images ({source}, method {args.calib_method})")
+    if accuracy.data:
+        reference_map = accuracy.of("onnxruntime fp32", OrtRunner(files["fp32"]))["map50_95"]
+        section = _stage("INT8 quantization", lambda: make_int8(
+            job, evaluate=lambda path: accuracy.measure(OrtRunner(path))["map50_95"], reference_map=reference_map))
+    else:
+        section = _stage("INT8 quantization", lambda: make_int8(job))
+    _say(f"wrote {files['int8']}: {section['quantized_nodes']} int8 nodes, {section['float_nodes']} kept float"
+         + (f", float blocks {section['float_blocks']}" if section["float_blocks"] else ""))
+    if "drop_points" in section:
+        _say(f"int8 mAP50-95 {section['map50_95_int8']:.4f} vs fp32 {section['map50_95_fp32']:.4f}: drop "
+             f"{section['drop_points']:.2f} points (tolerance {args.int8_tolerance}) -> "
+             f"{'pass' if section['pass'] else 'FAIL'}")
+    else:
+        section["note"] = "no labelled data (--data): the int8 accuracy drop was not measured"
+        _say(f"int8: {section['note']}")
+    return section
+
+
+def _engine(args, report, loaded, imgsz, files, out):
+    precision = args.engine
+    onnx_path = files[precision]
+    engine_path = out / f"{onnx_path.stem}.engine"
+    islands = fp32_islands(onnx.load(str(files["fp16"]))) if precision == "int8" else ()
+    info = _stage("TensorRT build", lambda: build_engine(
+        onnx_path, engine_path, precision=precision, imgsz=imgsz, batch=args.batch, dynamic=args.dynamic,
+        workspace_gib=args.workspace, metadata=_engine_metadata(loaded, imgsz, args, precision),
+        plugins=args.plugins, fp32_layers=islands))
+    report["engine"], report["engine_build"] = str(engine_path), info
+    _say(f"wrote {engine_path} ({info['backend']} {info['tensorrt_version']}, {info['build_s']} s) "
+         f"and {engine_path.name}.json")
+    if info.get("int8"):
+        _say(f"  note: {info['int8']}")
+
+
+def _backend_key(precision, plan):
+    """Report key of the ONNX Runtime run of a file: `onnxruntime` for the primary one, else onnxruntime_<precision>."""
+    return "onnxruntime" if precision == plan.primary else f"onnxruntime_{precision}"
+
+
+def _precision_of(report, plan):
+    """Backend key -> the precision it runs."""
+    keys = {_backend_key(p, plan): p for p in plan.files}
+    return {"reference": "fp32", "torch": "fp32", **keys, "tensorrt": report.get("engine_build", {}).get("precision")}
+
+
+def _finish(report, out):
     failed = [b for b, r in report["parity"].items() if r.get("pass") is False]
+    if report.get("int8", {}).get("pass") is False:
+        failed.append("int8 accuracy")
     report["exit_code"] = EXIT_PARITY_FAILED if failed else EXIT_OK
     write_report(report, out)
     _say(f"wrote {out / 'report.json'}, report.md, parity.png")
     if failed:
-        print(f"error: parity failed for {', '.join(failed)} (see {out / 'report.md'})", file=sys.stderr)
+        print(f"error: {', '.join(failed)} failed (see {out / 'report.md'})", file=sys.stderr)
     return report["exit_code"]
 
 
@@ -141,9 +288,9 @@ def _plugin_summary(proto, blocks):
             "functions": sorted(f.name for f in proto.functions)}
 
 
-def _new_report(args, loaded, onnx_path, imgsz, precision, findings, checks):
-    return {"weights": str(args.weights), "onnx": str(onnx_path), "engine": None, "imgsz": list(imgsz),
-            "batch": args.batch, "dynamic": args.dynamic, "precision": precision, "lint": findings,
+def _new_report(args, loaded, files, imgsz, plan, checks):
+    return {"weights": str(args.weights), "onnx": None, "onnx_files": {}, "engine": None, "imgsz": list(imgsz),
+            "batch": args.batch, "dynamic": args.dynamic, "precision": plan.primary, "lint": [],
             "modules": [c.as_dict() for c in checks], "parity": {}, "speed": {}, "notes": _notes(checks),
             "checkpoint": {"kind": loaded.kind, "source": loaded.source, "saved_half": loaded.saved_half,
                            "remapped": loaded.remapped,
@@ -160,6 +307,8 @@ def _stage(name, fn):
         return fn()
     except (BuildUnavailable, BuildFailed) as e:
         raise ExportFailed(f"{name} failed: {e}") from e
+    except CheckpointError:  # bad input found while working (an unreadable calibration image): exit 2
+        raise
     except Exception as e:  # the stage's own failure, reported in one line with exit code 3
         detail = str(e).splitlines()[0] if str(e) else ""
         raise ExportFailed(f"{name} failed: {type(e).__name__}: {detail}") from e
@@ -177,9 +326,10 @@ def _engine_metadata(loaded, imgsz, args, precision):
             "input": "images float32 [0,1] NCHW", "output": kinds.of(loaded).output_layout}
 
 
-def _runners(loaded, twin, imgsz, onnx_path, engine_path, report):
-    runners = {"reference": TorchRunner(fla.defined_at(loaded.model, *imgsz)), "torch": TorchRunner(twin),
-               "onnxruntime": OrtRunner(onnx_path)}
+def _runners(loaded, twin, imgsz, onnx_files, engine_path, report):
+    """reference (the checkpoint's own modules), torch (export twin), one ONNX Runtime runner per file, TensorRT."""
+    runners = {"reference": TorchRunner(fla.defined_at(loaded.model, *imgsz)), "torch": TorchRunner(twin)}
+    runners.update({key: OrtRunner(path) for key, path in onnx_files.items()})
     if engine_path:
         trt, reason = engine_runtime()
         if trt is None:
@@ -189,23 +339,28 @@ def _runners(loaded, twin, imgsz, onnx_path, engine_path, report):
     return runners
 
 
-def _parity(report, runners, images, precision, batch, twin, imgsz, to_v8_layout):
+def _parity(report, runners, images, plan, batch, twin, imgsz, to_v8_layout):
     reference = runners["reference"]
-    for backend in tqdm([b for b in runners if b != "reference"], desc="parity", leave=False):
-        wanted = "fp32" if backend == "torch" else precision
-        report["parity"][backend] = compare(reference, runners[backend], images, wanted, batch, to_v8_layout)
-        r = report["parity"][backend]
-        _say(f"parity {backend}: max abs {r['max_abs']:.3g}, cosine {r['cosine']:.7f}, box recall {r['box_recall']:.3f}"
-             f", precision {r['box_precision']:.3f}, mAP50-95 {r['map50_95']:.3f} -> {'pass' if r['pass'] else 'FAIL'}")
-    if report["parity"].get("onnxruntime", {}).get("pass") is False:
+    precisions = _precision_of(report, plan)
+    for backend in tqdm([b for b in runners if b != "reference"], desc="parity", leave=False, disable=None):
+        wanted = precisions[backend]
+        r = report["parity"][backend] = compare(reference, runners[backend], images, wanted, batch, to_v8_layout)
+        r["precision"] = wanted
+        _say(f"parity {backend} ({wanted}): max abs {r['max_abs']:.3g}, cosine {r['cosine']:.7f}, box recall "
+             f"{r['box_recall']:.3f}, precision {r['box_precision']:.3f}, mAP50-95 {r['map50_95']:.3f} -> "
+             f"{'pass' if r['pass'] else 'FAIL'}")
+    failed_float = [b for b in runners if b.startswith("onnxruntime") and precisions[b] != "int8"
+                    and report["parity"][b]["pass"] is False]
+    if failed_float:
+        precision = precisions[failed_float[0]]
         with tempfile.TemporaryDirectory() as tmp:
             first, errors = localize(reference.model, twin, images, precision == "fp16", tmp, precision)
-        report["localization"] = {"backend": "onnxruntime", "first_divergent_block": first, "block_errors": errors}
+        report["localization"] = {"backend": failed_float[0], "first_divergent_block": first, "block_errors": errors}
         _say(f"localization: first diverging block in ONNX Runtime: {first}")
 
 
 def _bench(report, runners, images, iterations):
-    timed = {b: r for b, r in runners.items() if b in ("reference", "onnxruntime", "tensorrt")}
+    timed = {b: r for b, r in runners.items() if b != "torch"}  # the twin in PyTorch times like the reference
     for backend, runner in timed.items():
         report["speed"]["torch" if backend == "reference" else backend] = bench(runner, images, iterations)
     base = report["speed"]["torch"]["p50_ms"]
@@ -213,6 +368,40 @@ def _bench(report, runners, images, iterations):
         s["speedup_vs_torch"] = base / s["p50_ms"]
         _say(f"speed {backend}: p50 {s['p50_ms']:.2f} ms, p90 {s['p90_ms']:.2f} ms, {s['images_per_s']:.1f} images/s, "
              f"{s['speedup_vs_torch']:.2f}x PyTorch eager")
+
+
+class Accuracy:
+    """Labelled mAP on the val split of `data` (export.accuracy), each model measured once per run."""
+
+    def __init__(self, data, imgsz, batch, to_v8_layout, names):
+        self.data, self.imgsz, self.batch, self.to_v8_layout, self.names = data, imgsz, batch, to_v8_layout, names
+        self.done = {}
+
+    def measure(self, runner, label="int8 trial"):
+        return labelled_map({label: runner}, self.data, self.imgsz, self.batch, self.to_v8_layout, self.names,
+                            desc=f"mAP {label}")[label]
+
+    def of(self, label, runner):
+        if label not in self.done:
+            self.done[label] = self.measure(runner, label)
+        return self.done[label]
+
+    def table(self, runners, precisions):
+        """report["accuracy"]: one row per model the run produced (the reference, each ONNX, the engine)."""
+        rows = []
+        for backend, runner in runners.items():
+            if backend == "torch":  # the export twin in PyTorch: the parity table covers it
+                continue
+            precision = precisions[backend]
+            name = "torch" if backend == "reference" else backend.split("_")[0]
+            r = self.of(f"{name} {precision}", runner)
+            rows.append({"backend": name, "precision": precision, **r})
+            _say(f"mAP {name} {precision}: mAP50 {r['map50']:.4f}, mAP50-95 {r['map50_95']:.4f} "
+                 f"({r['images']} images, {r['instances']} labels)")
+        base = next(r["map50_95"] for r in rows if r["backend"] == "torch")
+        for r in rows:
+            r["drop_points_vs_torch"] = round((base - r["map50_95"]) * 100, 3)
+        return {"data": str(self.data), "split": "val", "conf": 0.001, "iou": 0.7, "models": rows}
 
 
 def parse_imgsz(value, stride):

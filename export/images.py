@@ -20,9 +20,17 @@ def read_images(folder, imgsz):
         if folder.is_dir() else []
     if not files:
         raise CheckpointError(f"--images {folder}: no images found (.jpg/.png/...); pass a folder of sample images")
+    return torch.from_numpy(letterbox(files, imgsz))
+
+
+def letterbox(files, imgsz):
+    """(N,3,H,W) float32 [0,1] RGB: ultralytics' LetterBox as predict applies it to a fixed-size model.
+    Unreadable files are skipped."""
     boxes = [LetterBox(imgsz, auto=False)(image=img) for img in (cv2.imread(str(p)) for p in files) if img is not None]
+    if not boxes:
+        return np.zeros((0, 3, *imgsz), np.float32)
     batch = np.stack(boxes)[..., ::-1].transpose(0, 3, 1, 2)
-    return torch.from_numpy(np.ascontiguousarray(batch)).float() / 255
+    return np.ascontiguousarray(batch, dtype=np.float32) / 255
 
 
 def tile(images, batch):

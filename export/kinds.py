@@ -5,7 +5,8 @@ module, never `if yolov5:` of its own:
 - `export_head(head, dynamic)`: put the detection head in export mode;
 - `anchors_axis` / `output_layout`: where the predictions lie in `output0` (dynamic axes, engine metadata);
 - `to_v8_layout(pred)`: raw output -> (B, 4+nc, anchors) class scores, for the shared NMS and metrics;
-- `label`: how the CLI and the report name the checkpoint.
+- `label`: how the CLI and the report name the checkpoint;
+- `head_int8_layers`: the head's layers (ONNX scopes inside it) that go int8; its decode stays float.
 The YOLOv5 side lives in models/yolov5.py with its compat classes.
 """
 
@@ -22,16 +23,19 @@ class Kind:
     anchors_axis: int
     export_head: object
     to_v8_layout: object
+    head_int8_layers: tuple
 
 
 def _ultralytics_export_head(head, dynamic):
     head.export, head.format, head.dynamic = True, "onnx", dynamic
 
 
+# INT8: the box and class branches' convs go int8; DFL (softmax + its fixed conv), the sigmoid and the box decode
+# stay float.
 ULTRALYTICS = Kind("ultralytics", "ultralytics checkpoint", "output0 float32 (B, 4+nc, anchors)", 2,
-                   _ultralytics_export_head, lambda pred: pred)
+                   _ultralytics_export_head, lambda pred: pred, ("cv2", "cv3", "one2one_cv2", "one2one_cv3"))
 YOLOV5 = Kind("yolov5", "YOLOv5 checkpoint", yolov5.OUTPUT_LAYOUT, yolov5.ANCHORS_AXIS, yolov5.export_head,
-              yolov5.to_v8_layout)
+              yolov5.to_v8_layout, yolov5.HEAD_INT8_LAYERS)
 KINDS = {k.name: k for k in (ULTRALYTICS, YOLOV5)}
 
 

@@ -35,6 +35,7 @@ def lint(model, dynamic=False):
     for node in model.graph.node:
         findings.extend(_node_findings(node, constants, functions, dynamic))
     findings.extend(_type_findings(model))
+    findings.extend(_qdq_findings(model))
     return findings
 
 
@@ -94,6 +95,28 @@ def _type_findings(model):
     for init in graph.initializer:
         if init.data_type in COMPLEX:
             yield _finding("error", "complex", init.name, "", f"complex initializer {init.name}")
+
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+INT8_TYPES = {TensorProto.INT8}
+
+
+def _qdq_findings(model):
+    """TensorRT's explicit quantization: symmetric int8 only (zero points 0), no quantized bias (int32 DQ)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type not in QDQ_OPS:
+            continue
+        name = node.name or node.output[0]
+        zero = inits.get(node.input[2]) if len(node.input) > 2 else None
+        if zero is not None and zero.data_type not in INT8_TYPES:
+            yield _finding("error", "qdq-type", name, node.op_type,
+                           f"{node.op_type} with {TensorProto.DataType.Name(zero.data_type)} zero point: TensorRT "
+                           "quantizes to int8 only (a quantized bias must stay float)")
+        elif zero is not None and onnx.numpy_helper.to_array(zero).any():
+            yield _finding("error", "qdq-asymmetric", name, node.op_type,
+                           f"{node.op_type} with a non-zero zero point: TensorRT's parser accepts symmetric "
+                           "quantization only")
 
 
 def summary(findings):

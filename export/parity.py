@@ -43,7 +43,10 @@ class Thresholds:
     box_precision: float
 
 
-THRESHOLDS = {"fp32": Thresholds(1e-4, 0.99999, 0.99, 0.99), "fp16": Thresholds(2e-2, 0.999, 0.95, 0.95)}
+# int8 is a sanity check on the sample images (finite, same picture): measured on the four demos, int8 ORT reached
+# rel max abs 0.05-0.14, cosine 0.9998, box recall >= 0.875; what decides int8 is the labelled mAP drop (calib/).
+THRESHOLDS = {"fp32": Thresholds(1e-4, 0.99999, 0.99, 0.99), "fp16": Thresholds(2e-2, 0.999, 0.95, 0.95),
+              "int8": Thresholds(0.25, 0.999, 0.75, 0.75)}
 
 
 # ---- runners: images (B,3,H,W) float32 numpy -> output0 as the model emits it, float32 numpy ----------
@@ -285,7 +288,8 @@ def main(argv=None):
 def _standalone(args):
     meta = _onnx_metadata(args.onnx)
     imgsz, batch = tuple(ast.literal_eval(meta.get("imgsz", "[640, 640]"))), int(meta.get("batch", 1))
-    precision = "fp16" if ast.literal_eval(meta.get("args", "{}")).get("half") else "fp32"
+    precision = "int8" if "quantization" in meta else \
+        "fp16" if ast.literal_eval(meta.get("args", "{}")).get("half") else "fp32"
     loaded = load(args.weights)
     images = tile(read_images(args.images, imgsz), batch)
     runners, results = {"onnxruntime": OrtRunner(args.onnx)}, {}

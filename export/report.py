@@ -20,7 +20,7 @@ def markdown(report):
     kind = KINDS[report["checkpoint"].get("kind", "ultralytics")]
     lines = [f"# Export report: {report['weights']}", "",
              f"- Checkpoint: {kind.label}, output `{kind.output_layout}`",
-             f"- ONNX: `{report['onnx']}` ({report['precision']}, imgsz {report['imgsz']}, batch {report['batch']}"
+             f"- ONNX: {_files(report)} (imgsz {report['imgsz']}, batch {report['batch']}"
              f"{', dynamic' if report['dynamic'] else ''})",
              f"- Engine: {('`' + report['engine'] + '`') if report.get('engine') else _skipped(report.get('engine_build'))}",
              f"- Exit code: {report['exit_code']}", ""]
@@ -32,17 +32,18 @@ def markdown(report):
     lines += [f"| `{m['name']}` | {m['reference']} → {m['twin']} | {'x'.join(map(str, m['input_shape']))} | "
               f"{m['max_abs']:.3g} | {m['rel']:.2g} | {m['note']} |" for m in report["modules"]] or ["| (none) |||||"]
     lines += ["", "## Lint (TensorRT's ONNX parser)", ""]
-    lines += [f"- **{f['severity']}** `{f['op'] or f['rule']}` {f['node']}: {f['message']}" for f in report["lint"]] \
-        or ["Clean: nothing TensorRT rejects or runs badly."]
+    lines += [f"- **{f['severity']}** ({f.get('onnx', report['precision'])}) `{f['op'] or f['rule']}` {f['node']}: "
+              f"{f['message']}" for f in report["lint"]] or ["Clean: nothing TensorRT rejects or runs badly."]
+    lines += _int8_lines(report.get("int8")) + _accuracy_lines(report.get("accuracy"))
     lines += ["", "## Parity against PyTorch (the loaded reference model)", ""]
     if report.get("parity"):
-        lines += ["| backend | max abs | mean abs | cosine | top-anchor rel | box recall | box precision | mean IoU | "
-                  "mAP50-95 | pass |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| backend | precision | max abs | mean abs | cosine | top-anchor rel | box recall | box precision | "
+                  "mean IoU | mAP50-95 | pass |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for backend, r in report["parity"].items():
             if "skipped" in r:
-                lines.append(f"| {BACKEND_LABEL.get(backend, backend)} | skipped: {r['skipped']} |||||||||")
+                lines.append(f"| {_label(backend)} | skipped: {r['skipped']} ||||||||||")
                 continue
-            lines.append(f"| {BACKEND_LABEL.get(backend, backend)} | {r['max_abs']:.3g} | {r['mean_abs']:.3g} | "
+            lines.append(f"| {_label(backend)} | {r.get('precision', '')} | {r['max_abs']:.3g} | {r['mean_abs']:.3g} | "
                          f"{r['cosine']:.7f} | {r['top_anchor_max_rel']:.3g} | {r['box_recall']:.3f} | "
                          f"{r['box_precision']:.3f} | {r['mean_iou']:.4f} | {r['map50_95']:.3f} | "
                          f"{'yes' if r['pass'] else '**NO**'} |")
@@ -59,6 +60,57 @@ def markdown(report):
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _label(backend):
+    base, _, precision = backend.partition("_")
+    return BACKEND_LABEL.get(base, base) + (f" ({precision} file)" if precision else "")
+
+
+def _files(report):
+    files = report.get("onnx_files") or {report["precision"]: report["onnx"]}
+    return ", ".join(f"`{path}` ({precision})" for precision, path in files.items())
+
+
+def _int8_lines(section):
+    if not section:
+        return []
+    cal = section["calibration"]
+    lines = ["", "## INT8 (QDQ, TensorRT explicit quantization)", "",
+             f"- File: `{section['onnx']}`: {section['quantized_nodes']} int8 nodes, {section['float_nodes']} "
+             f"quantizable nodes kept float, {section['quantize_linear']} QuantizeLinear / "
+             f"{section['dequantize_linear']} DequantizeLinear",
+             f"- Calibration: {cal['images']} images from {cal['source']}, method `{cal['method']}`, "
+             f"{cal['seconds']} s",
+             f"- Blocks kept entirely float: {', '.join(f'`{b}`' for b in section['float_blocks']) or 'none'}"]
+    if "drop_points" in section:
+        lines.append(f"- mAP50-95: fp32 {section['map50_95_fp32']:.4f}, int8 {section['map50_95_int8']:.4f}, drop "
+                     f"{section['drop_points']:.2f} points (tolerance {section['tolerance_points']}): "
+                     f"{'pass' if section['pass'] else '**FAIL**'}")
+    else:
+        lines.append(f"- {section.get('note', '')}")
+    lines += ["", "| block | rule owner | layers that go int8 (the rest of the block stays float) |", "|---|---|---|"]
+    lines += [f"| `{r['block']}` | {r['owner']} | {', '.join(r['int8_layers']) or '(none)'} |" for r in section["rules"]]
+    if section.get("sensitivity"):
+        lines += ["", f"Sensitivity (first int8 mAP50-95 {section['first_map50_95']:.4f}): each block left float "
+                  "alone", "", "| block | owner | int8 mAP50-95 with it float | gain (points) | kept float |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| `{r['block']}` | {r['owner']} | {r['map50_95_with_block_float']:.4f} | {r['gain_points']:+.2f} | "
+                  f"{'yes' if r.get('kept_float') else ''} |" for r in section["sensitivity"]]
+    return lines
+
+
+def _accuracy_lines(acc):
+    if not acc:
+        return []
+    lines = ["", f"## Accuracy on labelled data (`{acc['data']}`, {acc['split']} split, ultralytics' metrics, conf "
+             f"{acc['conf']}, NMS IoU {acc['iou']})", "",
+             "| model | precision | mAP50 | mAP50-95 | drop vs PyTorch (points) | P | R | images | labels |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {BACKEND_LABEL.get(r['backend'], r['backend']) if r['backend'] != 'torch' else 'PyTorch'} | "
+              f"{r['precision']} | {r['map50']:.4f} | {r['map50_95']:.4f} | {r['drop_points_vs_torch']:+.2f} | "
+              f"{r['box_p']:.3f} | {r['box_r']:.3f} | {r['images']} | {r['instances']} |" for r in acc["models"]]
+    return lines
 
 
 def _skipped(info):

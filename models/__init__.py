@@ -32,6 +32,14 @@ def to_export(model):
     return twin
 
 
+def family_of(module):
+    """The family module (fla, mlla, sta, s2) a reference or export twin instance belongs to, else None."""
+    for family in FAMILIES.values():
+        if any(isinstance(module, cls) for pair in family.EXPORT_TWINS.items() for cls in pair):
+            return family
+    return None
+
+
 def demo_checkpoint(family="sta"):
     """Path of the shipped demo checkpoint trained with `family` (fla, mlla, sta, s2)."""
     if family not in FAMILIES:

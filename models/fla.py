@@ -224,3 +224,8 @@ YAML_MODULES = {
 
 # Names a checkpoint pickled from the tutorial code may reference, under any module path.
 CHECKPOINT_NAMES = ("FocusedLinearAttention", "Bottleneck_FLA", "C2f_FLA")
+
+# INT8 (calib.rules): the linear layers and the depth-wise conv go int8; the focusing power, the norms, the
+# kᵀv and q(kᵀv) sums and the normalizer (the parts the fp16 path keeps in fp32) stay float.
+INT8_LAYERS = ("q", "kv", "proj", "dwc", "sr")
+

@@ -218,4 +218,9 @@ YAML_MODULES = {"MLLAttention": ("attention", MLLAttention)}
 
 # Names a checkpoint pickled from the tutorial/upstream code may reference, under any module path
 # (DropPath: timm's, which upstream uses).
+# INT8 (calib.rules): projections, MLP and the depth-wise convs go int8; the RoPE rotation, the LayerNorms,
+# the linear-attention sums and normalizer stay float.
+# Names are the ONNX node scopes inside the block (the twin calls attn's layers itself: `qk`, not `attn.qk`).
+INT8_LAYERS = ("cpe1", "in_proj", "act_proj", "dwc", "qk", "lepe", "out_proj", "cpe2", "mlp.fc1", "mlp.fc2")
+
 CHECKPOINT_NAMES = ("MLLAttention", "MLLABlock", "LinearAttention", "RoPE", "Mlp", "DropPath")

@@ -143,4 +143,8 @@ EXPORT_TWINS = {S2Attention: S2AttentionExport}
 YAML_MODULES = {"S2Attention": ("attention", s2_for_yaml)}
 
 # Names a checkpoint pickled from the tutorial code may reference, under any module path.
+# INT8 (calib.rules): mlp1 and mlp2 go int8; the split attention (its k*H*W sum, gating MLP and softmax,
+# fp32 in the fp16 path) stays float.
+INT8_LAYERS = ("mlp1", "mlp2")
+
 CHECKPOINT_NAMES = ("S2Attention", "SplitAttention", "spatial_shift1", "spatial_shift2")

@@ -217,4 +217,8 @@ EXPORT_TWINS = {StokenAttention: StokenAttentionExport, StAttention: StAttention
 YAML_MODULES = {"StokenAttention": ("attention", StokenAttention)}
 
 # Names a checkpoint pickled from the tutorial code may reference, under any module path.
+# INT8 (calib.rules): the refine block's qkv and proj convs go int8; the affinity softmax, its sums, the
+# normalizing division and the unfold/fold kernel banks (data movement, trained near-identity) stay float.
+INT8_LAYERS = ("stoken_refine.qkv", "stoken_refine.proj")
+
 CHECKPOINT_NAMES = ("StokenAttention", "StAttention", "Unfold", "Fold")

@@ -17,6 +17,10 @@ from ultralytics.nn.modules import block, conv
 from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 
+# INT8: the head's output convs go int8; the sigmoid and the grid/anchor decode (an fp32 island) stay float.
+HEAD_INT8_LAYERS = ("m",)
+
+
 class SPPF(block.SPPF):
     """YOLOv5's SPPF: three chained 5x5 max-pools; ultralytics' adds `n` and `add`, which YOLOv5's lacks."""
 

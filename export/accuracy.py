@@ -1,0 +1,148 @@
+"""Labelled accuracy: mAP50 and mAP50-95 of every model the run produced, on the val split of a dataset YAML.
+
+    results = labelled_map({"torch fp32": runner, "onnxruntime int8": runner2}, "data.yaml", (640, 640))
+
+The dataset, letterboxing, NMS, matching and metrics are ultralytics' own (YOLODataset in val mode,
+DetectionValidator.postprocess / update_metrics / get_stats with its default conf 0.001 and IoU 0.7);
+we only feed it each backend's raw output in the (B, 4+nc, anchors) layout. One pass over the
+images, every runner on the same batch, one validator per runner.
+"""
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from export.load import CheckpointError
+
+
+class DatasetError(CheckpointError):
+    """A --data / --calib problem the user fixes: one line, exit code 2."""
+
+
+def read_dataset(data_yaml):
+    """The parsed dataset dict (ultralytics' check_det_dataset, never downloading), or DatasetError."""
+    from ultralytics.data.utils import check_det_dataset
+
+    path = Path(data_yaml)
+    if not path.is_file():
+        raise DatasetError(f"--data {path}: no such dataset YAML; pass an ultralytics/YOLOv5 data YAML "
+                           "(path, train, val, names)")
+    try:
+        with _quiet():
+            return check_det_dataset(str(path), autodownload=False)
+    except Exception as e:  # ultralytics raises FileNotFoundError / SyntaxError / TypeError with its own text
+        detail = " ".join(str(e).split())[:300]
+        raise DatasetError(f"--data {path}: {detail}") from None
+
+
+def split_images(data, split):
+    """Image files of a dataset split ('train' or 'val'), sorted, as ultralytics lists them."""
+    from ultralytics.data.dataset import YOLODataset
+
+    if not data.get(split):
+        return []
+    lister = YOLODataset.__new__(YOLODataset)  # only its file lister: folders, list files, lists of either
+    lister.fraction, lister.prefix = 1.0, ""
+    try:
+        with _quiet():
+            return sorted(lister.get_img_files(data[split]))
+    except Exception:  # a split without images
+        return []
+
+
+def labelled_map(runners, data_yaml, imgsz, batch=1, to_v8_layout=None, names=None, desc="mAP"):
+    """{runner name: {map50, map50_95, box_p, box_r, images, instances}} on the val split of `data_yaml`.
+    `runners` map names to callables (B,3,H,W) float32 numpy -> raw output; `batch` is the batch the exported
+    graphs take (the last batch is padded with copies and the padding's outputs dropped)."""
+    data = read_dataset(data_yaml)
+    if names is not None and len(data["names"]) != len(names):
+        raise DatasetError(f"--data {data_yaml}: the dataset has {len(data['names'])} classes, the model "
+                           f"{len(names)}; pass the dataset the model was trained on")
+    loader = _val_loader(data, imgsz, batch)
+    validators = {name: _validator(data, names or data["names"]) for name in runners}
+    for b in tqdm(loader, desc=desc, leave=False, disable=None):
+        images = (b["img"].float() / 255).numpy()
+        for name, runner in runners.items():
+            raw = _run_padded(runner, images, batch)
+            raw = to_v8_layout(raw) if to_v8_layout else raw
+            v = validators[name]
+            v.update_metrics(v.postprocess(torch.from_numpy(np.ascontiguousarray(raw))), _targets(b))
+    return {name: _summary(v) for name, v in validators.items()}
+
+
+def _val_loader(data, imgsz, batch):
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data.augment import LetterBox
+    from ultralytics.data.build import build_dataloader, build_yolo_dataset
+    from ultralytics.utils import DEFAULT_CFG
+
+    h, w = imgsz
+    cfg = get_cfg(DEFAULT_CFG, {"task": "detect", "imgsz": max(h, w), "rect": False, "cache": False,
+                                "single_cls": False, "fraction": 1.0})
+    with _quiet():
+        dataset = build_yolo_dataset(cfg, data["val"], batch, data, mode="val", stride=32)
+    if not len(dataset):
+        raise DatasetError(f"--data: the val split {data['val']} has no images")
+    for t in dataset.transforms.transforms:  # ultralytics letterboxes square; a H x W export needs H x W
+        if isinstance(t, LetterBox):
+            t.new_shape = (h, w)
+    return build_dataloader(dataset, batch, workers=0, shuffle=False, rank=-1)
+
+
+def _validator(data, names):
+    from ultralytics.cfg import get_cfg
+    from ultralytics.models.yolo.detect import DetectionValidator
+    from ultralytics.utils import DEFAULT_CFG
+
+    args = get_cfg(DEFAULT_CFG, {"task": "detect", "plots": False, "save_json": False, "save_txt": False,
+                                 "verbose": False})
+    v = DetectionValidator(args=args)
+    v.data, v.device, v.training = data, torch.device("cpu"), True  # training=True: no dataset max_det probing
+    v.dataloader = None
+    v.init_metrics(_Names(dict(enumerate(names)) if isinstance(names, (list, tuple)) else names))
+    return v
+
+
+class _Names:
+    def __init__(self, names):
+        self.names = names
+
+
+def _targets(batch):
+    keys = ("batch_idx", "cls", "bboxes", "ori_shape", "ratio_pad", "im_file", "img")
+    return {k: batch[k] for k in keys}
+
+
+def _run_padded(runner, images, batch):
+    n = len(images)
+    if n % batch:
+        images = np.concatenate([images, np.repeat(images[-1:], batch - n % batch, 0)])
+    outs = [runner(np.ascontiguousarray(images[i:i + batch])) for i in range(0, len(images), batch)]
+    return np.concatenate(outs)[:n]
+
+
+def _summary(validator):
+    with _quiet():
+        stats = validator.get_stats()
+    return {"map50": float(stats["metrics/mAP50(B)"]), "map50_95": float(stats["metrics/mAP50-95(B)"]),
+            "box_p": float(stats["metrics/precision(B)"]), "box_r": float(stats["metrics/recall(B)"]),
+            "images": int(validator.seen), "instances": int(validator.metrics.nt_per_class.sum())}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ultralytics logs dataset scans and warnings at INFO; the CLI prints its own one-line results."""
+    from ultralytics.utils import LOGGER
+
+    level = LOGGER.level
+    LOGGER.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        LOGGER.setLevel(level)
