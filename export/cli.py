@@ -1,6 +1,6 @@
 """`python -m export`: checkpoint -> export twins -> ONNX (-> lint, TensorRT engine, parity, report).
 
-Exit codes: 0 ok, 2 bad input, 3 export or build failed, 4 parity failed (artifacts still written).
+Exit codes: 0 ok, 2 bad input, 3 export or build failed, 4 parity or int8 accuracy failed (artifacts still written).
 """
 
 import argparse
@@ -112,7 +112,7 @@ def run(args):
     for path, ours in loaded.remapped.items():
         _say(f"  {path} -> {ours}")
     twin, checks = rewrite(loaded.model, imgsz, images=images[:1])
-    _check_excludes(twin, args.int8_exclude)
+    _check_excludes(twin, args.int8_exclude, kind)
     plugin_blocks = plugins.apply(twin) if args.plugins else 0
     for c in checks:
         _say(f"  {c.name}: {c.reference} -> {c.twin}, max abs diff {c.max_abs:.3g} ({c.rel:.2g} of scale)"
@@ -189,11 +189,11 @@ def _is_demo(weights):
         return False
 
 
-def _check_excludes(model, names):
+def _check_excludes(model, names, kind):
     known = {n for n, _ in model.named_modules() if n}
     for name in names:
         if name not in known:
-            example = ", ".join(b.path for b in int8_blocks(model, kinds.ULTRALYTICS)[:3])
+            example = ", ".join(b.path for b in int8_blocks(model, kind)[:3])
             raise UsageError(f"--int8-exclude {name}: no such module in the model; use module paths such as "
                              f"{example}")
 
