@@ -217,3 +217,17 @@ def test_engine_int8_with_tensorrt_rtx_is_labelled_as_what_it_is(tmp_path):
     build = report["engine_build"]
     assert build["backend"] == "tensorrt_rtx" and build["precision"] == "int8" and build["int8"] == RTX_INT8_NOTE
     assert Path(report["engine"]).name == "yolov8n-sta_int8.engine" and Path(report["engine"]).stat().st_size > 0
+
+
+def test_demo_dataset_is_deterministic_cached_and_atomic(tmp_path):
+    import hashlib
+
+    def digest(root):
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".jpg", ".txt"))
+        return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest(), len(files)
+
+    a, b = demo_dataset(tmp_path / "a"), demo_dataset(tmp_path / "b")
+    assert digest(a.parent) == digest(b.parent) and digest(a.parent)[1] == 600  # 300 images + 300 label files
+    assert demo_dataset(tmp_path / "a") == a  # cached: the same folder, not regenerated
+    assert [p.name for p in (tmp_path / "a").iterdir()] == [a.parent.name]  # no temp folder left behind
+    assert f"path: {a.parent}\n" in a.read_text()
