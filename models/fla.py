@@ -158,58 +158,90 @@ class C2f_FLA(nn.Module):
 
 
 class FocusedLinearAttentionExport(FocusedLinearAttention):
-    """Matmul-only FLA for any H x W; focusing, sums and kv product in fp32."""
+    """FLA for any H x W, laid out for where it runs: NCHW end to end, no token transposes.
+
+    At the 80x80 neck level of a YOLO, with 4-channel heads, moving tokens between NCHW, (B, N, C) and
+    head layouts cost more than the attention's arithmetic (measured: six times its FLOP share). Here
+    the linear layers are 1x1 convolutions on the map, heads are a reshape of the channel axis (the
+    seed's heads are channel-contiguous), kᵀv and q(kᵀv) are batched matmuls on channel-major
+    (B, heads, d, N) tensors, and the per-head depth-wise conv is one grouped conv with the head kernel
+    tiled over the heads, on the v map as it already is. Focusing, the normalizer and both products
+    stay in fp32.
+    """
 
     def forward(self, x):
         B, C, H, W = x.shape
-        dtype = x.dtype
-        t = x.flatten(2).transpose(1, 2)
-        q = self.q(t)
-        if self.sr_ratio > 1:
-            kv_in = self.norm(self.sr(x).flatten(2).transpose(1, 2))
-        else:
-            kv_in = t
-        k, v = self.kv(kv_in).chunk(2, dim=-1)
-        scale = F.softplus(self.scale.float())
-        q = _split_heads_4d(_focus_overflow_free(q.float(), scale, self.focusing_factor), self.num_heads)
-        k = _split_heads_4d(_focus_overflow_free(k.float(), scale, self.focusing_factor), self.num_heads)
-        v32 = _split_heads_4d(v.float(), self.num_heads)
-        z = 1 / (q @ k.sum(dim=2, keepdim=True).transpose(-2, -1) + 1e-6)
-        out = (q @ (k.transpose(-2, -1) @ v32)) * z
-        vmap = _split_heads_4d(v, self.num_heads)
-        if self.sr_ratio > 1:
-            vmap = _interp_tokens(vmap, H * W)
-        out = out.to(dtype) + self._dwc_tokens(vmap, H, W)
-        out = out.transpose(1, 2).flatten(2)
-        out = self.proj_drop(self.proj(out))
-        return out.transpose(1, 2).reshape(B, C, H, W)
+        dtype, heads = x.dtype, self.num_heads
+        inv_scale = 1 / F.softplus(self.scale.float()).reshape(C)
+        q, k, v = self._qkv(x, inv_scale)
+        q, k, v32 = _heads(q, heads), _heads(k, heads), _heads(v.float(), heads)  # (B, heads, d, N or M)
+        z = 1 / (k.sum(dim=-1, keepdim=True).transpose(-2, -1) @ q + 1e-6)  # (B, heads, 1, N)
+        out = ((v32 @ k.transpose(-2, -1)) @ q) * z  # (kᵀv)ᵀ q, channel-major: (B, heads, d, N)
+        vmap = v if self.sr_ratio == 1 else F.interpolate(v.flatten(2), size=H * W, mode="linear")
+        out = out.to(dtype).reshape(B, C, H, W) + self._dwc_heads(vmap.reshape(B, C, H, W))
+        return self.proj_drop(_conv1x1(out, self.proj))
 
-    def _dwc_tokens(self, v, h, w):
-        """v (B, heads, N, d) -> dwc over each head's (d, H, W) map -> (B, heads, N, d)."""
-        b, heads, n, d = v.shape
-        fmap = v.transpose(-2, -1).reshape(b * heads, d, h, w)
-        return self.dwc(fmap).reshape(b, heads, d, n).transpose(-2, -1)
+    def _qkv(self, x, inv_scale):
+        """Focused q and k (fp32, (B, C, N) / (B, C, M)) and v (input dtype, NCHW).
+        relu(t) / scale == relu(t / scale) (scale > 0): the division is folded into the q and k weights."""
+        C = x.shape[1]
+        # ReLU right after the conv (before the cast and reshape, which it commutes with) fuses into it
+        if self.sr_ratio == 1:  # q and k in one conv and one focusing pass, stacked as (B, 2, C, N)
+            qk = F.relu(_conv1x1(x, self.q, inv_scale, also=(self.kv, slice(0, C))))
+            qk = _focus(qk.float().reshape(x.shape[0], 2, C, -1), inv_scale, self.focusing_factor, dim=2)
+            q, k = qk.unbind(1)
+            return q, k, _conv1x1(x, self.kv, rows=slice(C, 2 * C))
+        kv_in = self._kv_input(x)
+        q = F.relu(_conv1x1(x, self.q, inv_scale)).float().flatten(2)
+        k = F.relu(_conv1x1(kv_in, self.kv, inv_scale, rows=slice(0, C))).float().flatten(2)
+        q, k = (_focus(t, inv_scale, self.focusing_factor, dim=1) for t in (q, k))
+        return q, k, _conv1x1(kv_in, self.kv, rows=slice(C, 2 * C))
+
+    def _kv_input(self, x):
+        if self.sr_ratio == 1:
+            return x
+        reduced = self.sr(x)
+        b, c, h, w = reduced.shape
+        tokens = self.norm(reduced.flatten(2).transpose(1, 2))  # LayerNorm over channels, as the seed
+        return tokens.transpose(1, 2).reshape(b, c, h, w)
+
+    def _dwc_heads(self, v):
+        """The seed's dwc (one head_dim-channel kernel shared by all heads) as one grouped conv over C channels."""
+        heads = self.num_heads
+        weight = self.dwc.weight.repeat(heads, 1, 1, 1)
+        bias = self.dwc.bias.repeat(heads) if self.dwc.bias is not None else None
+        return F.conv2d(v, weight, bias, padding=self.dwc.padding, groups=v.shape[1])
 
 
-def _split_heads_4d(t, heads):
-    b, n, c = t.shape
-    return t.reshape(b, n, heads, c // heads).transpose(1, 2)
+def _conv1x1(x, linear, out_scale=None, rows=slice(None), also=None):
+    """nn.Linear over the channels of an NCHW map as a 1x1 convolution: output channels `rows` of `linear`
+    (followed by rows `also[1]` of linear `also[0]`), optionally times `out_scale` per output channel of each
+    part, folded into the weights. At export the weights are constants: all of this folds away."""
+    parts = [(linear, rows)] + ([also] if also else [])
+    weights, biases = [], []
+    for layer, r in parts:
+        w, b = layer.weight[r], layer.bias[r] if layer.bias is not None else torch.zeros_like(layer.weight[r, 0])
+        if out_scale is not None:
+            w, b = w * out_scale.to(w.dtype)[:, None], b * out_scale.to(b.dtype)
+        weights.append(w)
+        biases.append(b)
+    return F.conv2d(x, torch.cat(weights)[:, :, None, None], torch.cat(biases))
 
 
-def _interp_tokens(v, n):
-    b, heads, m, d = v.shape
-    flat = v.reshape(b * heads, m, d).transpose(1, 2)
-    return F.interpolate(flat, size=n, mode="linear").transpose(1, 2).reshape(b, heads, n, d)
+def _heads(t, heads):
+    """(B, C, H, W) -> (B, heads, C // heads, H*W): the seed's channel-contiguous heads, channel-major."""
+    b, c = t.shape[:2]
+    return t.reshape(b, heads, c // heads, -1)  # also takes (B, C, N)
 
 
-def _focus_overflow_free(t, scale, power):
-    """(t/|t|)-direction focusing with t divided by its per-token max first: exact, never overflows."""
-    t = (F.relu(t) + 1e-6) / scale
-    peak = t.amax(dim=-1, keepdim=True)
-    unit = t / peak
-    norm = unit.norm(dim=-1, keepdim=True) * peak
-    powered = unit ** power
-    return powered / powered.norm(dim=-1, keepdim=True) * norm
+def _focus(t, inv_scale, power, dim):
+    """The seed's focusing over the channel axis `dim` (C channels, the axes after it spatial), `t` already
+    relu(x / scale): u = t + 1e-6 / scale; u ** p rescaled to the norm of u. In fp32 (the caller casts),
+    where u ** 3 does not overflow as the seed's fp16 does; the per-token factor is a (.., 1, N) tensor."""
+    eps = (1e-6 * inv_scale).reshape(-1, *([1] * (t.dim() - dim - 1)))
+    u = t + eps
+    powered = u ** power
+    return powered * (u.norm(dim=dim, keepdim=True) / powered.norm(dim=dim, keepdim=True))
 
 
 # Bottleneck_FLA and C2f_FLA need no twin: their forward is export-clean once FLA inside is swapped.
@@ -227,5 +259,6 @@ CHECKPOINT_NAMES = ("FocusedLinearAttention", "Bottleneck_FLA", "C2f_FLA")
 
 # INT8 (calib.rules): the linear layers and the depth-wise conv go int8; the focusing power, the norms, the
 # kᵀv and q(kᵀv) sums and the normalizer (the parts the fp16 path keeps in fp32) stay float.
-INT8_LAYERS = ("q", "kv", "proj", "dwc", "sr")
+# The twin runs q, k, v, proj and the dwc as convolutions of the block itself (scope ""), the optional sr conv as `sr`.
+INT8_LAYERS = ("", "sr")
 
