@@ -50,13 +50,8 @@ class ImageReader(CalibrationDataReader):
     def __init__(self, files, imgsz, batch=1, input_name="images"):
         self.files, self.imgsz, self.batch, self.input_name = list(files), tuple(imgsz), batch, input_name
         usable = len(self.files) - len(self.files) % batch
-        self.groups = [self.files[i:i + batch] for i in range(0, usable, batch)] or [self._padded()]
-        self.rewind()
-
-    def _padded(self):  # fewer images than one batch: repeat them
-        return (self.files * self.batch)[:self.batch]
-
-    def rewind(self):
+        # fewer images than one batch: repeat them
+        self.groups = [self.files[i:i + batch] for i in range(0, usable, batch)] or [(self.files * batch)[:batch]]
         self.position, self.bar = 0, None
 
     def get_next(self):

@@ -59,20 +59,58 @@ def labelled_map(runners, data_yaml, imgsz, batch=1, to_v8_layout=None, names=No
     """{runner name: {map50, map50_95, box_p, box_r, images, instances}} on the val split of `data_yaml`.
     `runners` map names to callables (B,3,H,W) float32 numpy -> raw output; `batch` is the batch the exported
     graphs take (the last batch is padded with copies and the padding's outputs dropped)."""
-    data = read_dataset(data_yaml)
-    if names is not None and len(data["names"]) != len(names):
-        raise DatasetError(f"--data {data_yaml}: the dataset has {len(data['names'])} classes, the model "
-                           f"{len(names)}; pass the dataset the model was trained on")
-    loader = _val_loader(data, imgsz, batch)
-    validators = {name: _validator(data, names or data["names"]) for name in runners}
-    for b in tqdm(loader, desc=desc, leave=False, disable=None):
-        images = (b["img"].float() / 255).numpy()
-        for name, runner in runners.items():
-            raw = _run_padded(runner, images, batch)
-            raw = to_v8_layout(raw) if to_v8_layout else raw
-            v = validators[name]
-            v.update_metrics(v.postprocess(torch.from_numpy(np.ascontiguousarray(raw))), _targets(b))
-    return {name: _summary(v) for name, v in validators.items()}
+    return LabelledMAP(data_yaml, imgsz, batch, to_v8_layout, names).measure(runners, desc)
+
+
+class LabelledMAP:
+    """Scores models on one dataset: the dataset is read and its loader built once; `of` caches per label, so
+    a model the int8 stage already scored is not scored again for the report's table."""
+
+    def __init__(self, data_yaml, imgsz, batch=1, to_v8_layout=None, names=None):
+        self.data_yaml, self.imgsz, self.batch, self.to_v8_layout = data_yaml, imgsz, batch, to_v8_layout
+        self.data = read_dataset(data_yaml)
+        if names is not None and len(self.data["names"]) != len(names):
+            raise DatasetError(f"--data {data_yaml}: the dataset has {len(self.data['names'])} classes, the model "
+                               f"{len(names)}; pass the dataset the model was trained on")
+        self.names = names or self.data["names"]
+        self.loader = _val_loader(self.data, imgsz, batch)
+        self.done = {}
+
+    def measure(self, runners, desc="mAP"):
+        """One pass over the val split, every runner on the same batch."""
+        validators = {name: _validator(self.data, self.names) for name in runners}
+        for b in tqdm(self.loader, desc=desc, leave=False, disable=None):
+            images = (b["img"].float() / 255).numpy()
+            for name, runner in runners.items():
+                raw = _run_padded(runner, images, self.batch)
+                raw = self.to_v8_layout(raw) if self.to_v8_layout else raw
+                v = validators[name]
+                v.update_metrics(v.postprocess(torch.from_numpy(np.ascontiguousarray(raw))), b)
+        return {name: _summary(v) for name, v in validators.items()}
+
+    def of(self, runners):
+        """measure(), skipping (and returning the cached result of) labels already scored."""
+        pending = {label: r for label, r in runners.items() if label not in self.done}
+        if pending:
+            self.done.update(self.measure(pending, desc=f"mAP ({len(pending)} models)"))
+        return {label: self.done[label] for label in runners}
+
+    def table(self, runners, precisions):
+        """The report's `accuracy` section: one row per model (backend key -> runner; its precision from
+        `precisions`), with each row's mAP50-95 drop in points against the PyTorch reference."""
+        labelled = {f"{_backend_name(b)} {precisions[b]}": (b, r) for b, r in runners.items()}
+        scores = self.of({label: r for label, (_, r) in labelled.items()})
+        rows = [{"backend": _backend_name(b), "precision": precisions[b], **scores[label]}
+                for label, (b, _) in labelled.items()]
+        base = next(r["map50_95"] for r in rows if r["backend"] == "torch")
+        for r in rows:
+            r["drop_points_vs_torch"] = round((base - r["map50_95"]) * 100, 3)
+        return {"data": str(self.data_yaml), "split": "val", "conf": 0.001, "iou": 0.7, "models": rows}
+
+
+def _backend_name(key):
+    """'reference' -> 'torch'; 'onnxruntime_fp16' -> 'onnxruntime'."""
+    return "torch" if key == "reference" else key.split("_")[0]
 
 
 def _val_loader(data, imgsz, batch):
@@ -111,11 +149,6 @@ def _validator(data, names):
 class _Names:
     def __init__(self, names):
         self.names = names
-
-
-def _targets(batch):
-    keys = ("batch_idx", "cls", "bboxes", "ori_shape", "ratio_pad", "im_file", "img")
-    return {k: batch[k] for k in keys}
 
 
 def _run_padded(runner, images, batch):

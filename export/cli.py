@@ -21,7 +21,7 @@ from calib.rules import blocks as int8_blocks
 from calib.rules import fp32_islands
 from calib.source import DEFAULT_N, calibration_files
 from export import kinds
-from export.accuracy import labelled_map, read_dataset
+from export.accuracy import LabelledMAP
 from export.build import PRECISIONS, BuildFailed, BuildUnavailable, build_engine
 from export.lint import lint
 from export.lint import summary as lint_summary
@@ -104,9 +104,10 @@ def run(args):
     imgsz = parse_imgsz(args.imgsz if args.imgsz is not None else loaded.imgsz or 640, max(loaded.stride))
     images = read_images(args.images, imgsz)
     data = _labelled_data(args, plan)
+    kind = kinds.of(loaded)
+    accuracy = LabelledMAP(data, imgsz, args.batch, kind.to_v8_layout, loaded.names) if data else None
     calibration = calibration_files(args.calib, data, args.calib_n) if "int8" in plan.files else None
     out = args.out or Path("runs") / "export" / args.weights.stem
-    kind = kinds.of(loaded)
     _say(f"loaded {args.weights}: {kind.label} ({loaded.source}, {'fp16' if loaded.saved_half else 'fp32'} weights, "
          f"{loaded.nc} classes)" + (f"; remapped {len(loaded.remapped)} classes" if loaded.remapped else ""))
     for path, ours in loaded.remapped.items():
@@ -124,7 +125,6 @@ def run(args):
         report["plugins"] = _plugin_summary(onnx.load(str(files[plan.float_files[0]])), plugin_blocks)
         _say(f"plugins: {report['plugins']['nodes']} custom-op nodes in {plugin_blocks} blocks, backed by local "
              f"functions {report['plugins']['functions']}")
-    accuracy = Accuracy(data, imgsz, args.batch, kind.to_v8_layout, loaded.names)
     if calibration:
         files["int8"] = out / f"{args.weights.stem}_int8.onnx"
         report["int8"] = _int8(args, loaded.model, kind, files, calibration, imgsz, accuracy)
@@ -138,8 +138,12 @@ def run(args):
     batch_images = tile(images, args.batch)
     if not args.no_parity:
         _parity(report, runners, batch_images, plan, args.batch, twin, imgsz, kind.to_v8_layout)
-    if data:
-        report["accuracy"] = accuracy.table(runners, _precision_of(report, plan))
+    if accuracy:
+        scored = {b: r for b, r in runners.items() if b != "torch"}  # the twin in PyTorch: parity covers it
+        report["accuracy"] = accuracy.table(scored, _precision_of(report, plan))
+        for row in report["accuracy"]["models"]:
+            _say(f"mAP {row['backend']} {row['precision']}: mAP50 {row['map50']:.4f}, mAP50-95 {row['map50_95']:.4f} "
+                 f"({row['images']} images, {row['instances']} labels)")
     if args.bench:
         _bench(report, runners, batch_images[:args.batch], args.bench)
     return _finish(report, out)
@@ -173,7 +177,6 @@ def _plan(args):
 def _labelled_data(args, plan):
     """--data, else the demo dataset when an int8 run on a shipped demo model has no other calibration source."""
     if args.data is not None:
-        read_dataset(args.data)  # fail now (exit 2) rather than after the export
         return args.data
     if "int8" in plan.files and args.calib is None and _is_demo(args.weights):
         data = demo_dataset()
@@ -225,10 +228,11 @@ def _int8(args, model, kind, files, calibration, imgsz, accuracy):
     job = Int8Job(files["fp32"], files["int8"], model, kind, calib_files, source, imgsz, args.batch,
                   args.calib_method, list(args.int8_exclude), args.int8_tolerance)
     _say(f"int8: calibrating on {len(calib_files)} images ({source}, method {args.calib_method})")
-    if accuracy.data:
-        reference_map = accuracy.of("onnxruntime fp32", OrtRunner(files["fp32"]))["map50_95"]
+    if accuracy:
+        reference_map = accuracy.of({"onnxruntime fp32": OrtRunner(files["fp32"])})["onnxruntime fp32"]["map50_95"]
         section = _stage("INT8 quantization", lambda: make_int8(
-            job, evaluate=lambda path: accuracy.measure(OrtRunner(path))["map50_95"], reference_map=reference_map))
+            job, evaluate=lambda path: accuracy.measure({"trial": OrtRunner(path)})["trial"]["map50_95"],
+            reference_map=reference_map))
     else:
         section = _stage("INT8 quantization", lambda: make_int8(job))
     _say(f"wrote {files['int8']}: {section['quantized_nodes']} int8 nodes, {section['float_nodes']} kept float"
@@ -368,40 +372,6 @@ def _bench(report, runners, images, iterations):
         s["speedup_vs_torch"] = base / s["p50_ms"]
         _say(f"speed {backend}: p50 {s['p50_ms']:.2f} ms, p90 {s['p90_ms']:.2f} ms, {s['images_per_s']:.1f} images/s, "
              f"{s['speedup_vs_torch']:.2f}x PyTorch eager")
-
-
-class Accuracy:
-    """Labelled mAP on the val split of `data` (export.accuracy), each model measured once per run."""
-
-    def __init__(self, data, imgsz, batch, to_v8_layout, names):
-        self.data, self.imgsz, self.batch, self.to_v8_layout, self.names = data, imgsz, batch, to_v8_layout, names
-        self.done = {}
-
-    def measure(self, runner, label="int8 trial"):
-        return labelled_map({label: runner}, self.data, self.imgsz, self.batch, self.to_v8_layout, self.names,
-                            desc=f"mAP {label}")[label]
-
-    def of(self, label, runner):
-        if label not in self.done:
-            self.done[label] = self.measure(runner, label)
-        return self.done[label]
-
-    def table(self, runners, precisions):
-        """report["accuracy"]: one row per model the run produced (the reference, each ONNX, the engine)."""
-        rows = []
-        for backend, runner in runners.items():
-            if backend == "torch":  # the export twin in PyTorch: the parity table covers it
-                continue
-            precision = precisions[backend]
-            name = "torch" if backend == "reference" else backend.split("_")[0]
-            r = self.of(f"{name} {precision}", runner)
-            rows.append({"backend": name, "precision": precision, **r})
-            _say(f"mAP {name} {precision}: mAP50 {r['map50']:.4f}, mAP50-95 {r['map50_95']:.4f} "
-                 f"({r['images']} images, {r['instances']} labels)")
-        base = next(r["map50_95"] for r in rows if r["backend"] == "torch")
-        for r in rows:
-            r["drop_points_vs_torch"] = round((base - r["map50_95"]) * 100, 3)
-        return {"data": str(self.data), "split": "val", "conf": 0.001, "iou": 0.7, "models": rows}
 
 
 def parse_imgsz(value, stride):
