@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import models
 from export import kinds
 from export.rewrite import outermost_family_modules
+from export.to_onnx import node_scope as scope
 
 QUANT_OPS = ("Conv", "Gemm", "MatMul", "Add")
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
@@ -42,12 +43,6 @@ def blocks(model, kind):
         if kinds.is_head(module) and path:
             found.append(Block(path, f"head ({type(module).__name__})", tuple(kind.head_int8_layers)))
     return found
-
-
-def scope(node_name):
-    """The dotted module path of the calls enclosing an ONNX node ('' for nodes outside the model's modules)."""
-    parts = node_name.split("/")[1:-1]  # '/model/model.10/qk/Gemm' -> ['model', 'model.10', 'qk']
-    return ".".join(parts[1:]) if parts[:1] == ["model"] else ""  # drop the export wrapper's `model`
 
 
 def float_nodes(proto, rules, forced=()):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import torch
 from tqdm import tqdm
 
 import models
@@ -27,7 +28,9 @@ from export.lint import lint
 from export.lint import summary as lint_summary
 from export.load import CheckpointError, load
 from export.images import MAX_IMAGES, read_images, tile
-from export.parity import OrtRunner, TorchRunner, TrtRunner, bench, compare, engine_runtime, localize
+from export.bench import DEFAULT_ROUNDS, DEFAULT_WARMUP, block_costs, interleaved, module_costs, profile_onnx, \
+    thread_settings
+from export.parity import OrtRunner, TorchRunner, TrtRunner, compare, engine_runtime, localize
 from export.report import write_report
 from export.rewrite import rewrite
 from export.to_onnx import export_yolo
@@ -46,7 +49,8 @@ class ExportFailed(Exception):
 
 def parser():
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0],
-                                epilog="Also: python -m export parity --weights W --onnx F [--engine E] [--bench N]. "
+                                epilog="Also: python -m export parity --weights W --onnx F [--engine E] [--bench N]; "
+                                       "python -m export bench MODEL [MODEL ...] (see its --help). "
                                        "Exit codes: 0 ok, 2 bad input, 3 export or build failed, 4 parity or int8 "
                                        "accuracy failed.")
     p.add_argument("--weights", type=Path, default=models.demo_checkpoint("sta"),
@@ -79,7 +83,10 @@ def parser():
     p.add_argument("--images", type=Path, default=models.DEMO_DIR / "images",
                    help=f"images for the probe and parity runs, the first {MAX_IMAGES} by name (default: the shipped samples)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity harness")
-    p.add_argument("--bench", type=int, default=0, metavar="N", help="timed iterations per backend (0: no benchmark)")
+    p.add_argument("--bench", type=int, default=0, metavar="N",
+                   help="benchmark: N timed calls per backend per round, backends interleaved; also profiles the "
+                        "ONNX to charge time to each block (0: no benchmark)")
+    p.add_argument("--bench-rounds", type=int, default=DEFAULT_ROUNDS, metavar="R", help="benchmark rounds")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     return p
 
@@ -90,6 +97,10 @@ def main(argv=None):
         from export.parity import main as parity_main
 
         return parity_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from export.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = parser().parse_args(argv)
     try:
         return run(args)
@@ -145,7 +156,7 @@ def run(args):
             _say(f"mAP {row['backend']} {row['precision']}: mAP50 {row['map50']:.4f}, mAP50-95 {row['map50_95']:.4f} "
                  f"({row['images']} images, {row['instances']} labels)")
     if args.bench:
-        _bench(report, runners, batch_images[:args.batch], args.bench)
+        _bench(report, args, runners, batch_images[:args.batch], files[plan.primary], imgsz)
     return _finish(report, out)
 
 
@@ -161,8 +172,8 @@ class Plan:
 
 
 def _plan(args):
-    if args.batch < 1 or args.bench < 0 or args.calib_n < 0 or args.int8_tolerance < 0:
-        raise UsageError("--batch must be >= 1, and --bench, --calib-n and --int8-tolerance >= 0")
+    if args.batch < 1 or args.bench_rounds < 1 or args.bench < 0 or args.calib_n < 0 or args.int8_tolerance < 0:
+        raise UsageError("--batch and --bench-rounds must be >= 1, and --bench, --calib-n and --int8-tolerance >= 0")
     if args.half and args.engine == "fp32":
         raise UsageError("--engine fp32 builds from an fp32 ONNX: drop --half (or use --engine fp16)")
     int8 = args.int8 or args.engine == "int8"
@@ -363,15 +374,25 @@ def _parity(report, runners, images, plan, batch, twin, imgsz, to_v8_layout):
         _say(f"localization: first diverging block in ONNX Runtime: {first}")
 
 
-def _bench(report, runners, images, iterations):
-    timed = {b: r for b, r in runners.items() if b != "torch"}  # the twin in PyTorch times like the reference
-    for backend, runner in timed.items():
-        report["speed"]["torch" if backend == "reference" else backend] = bench(runner, images, iterations)
-    base = report["speed"]["torch"]["p50_ms"]
+def _bench(report, args, runners, images, onnx_path, imgsz):
+    """Interleaved timing of every backend, then where the time goes in the primary ONNX (ORT profile vs FLOPs)."""
+    timed = {"torch" if b == "reference" else b: r for b, r in runners.items() if b != "torch"}  # twin times alike
+    report["speed"] = interleaved(timed, images, args.bench, args.bench_rounds)
+    report["bench"] = {"threads": thread_settings(torch.get_num_threads()), "rounds": args.bench_rounds,
+                       "iterations_per_round": args.bench, "warmup": DEFAULT_WARMUP, "batch": len(images)}
+    base = report["speed"]["torch"]["median_ms"]
     for backend, s in report["speed"].items():
-        s["speedup_vs_torch"] = base / s["p50_ms"]
-        _say(f"speed {backend}: p50 {s['p50_ms']:.2f} ms, p90 {s['p90_ms']:.2f} ms, {s['images_per_s']:.1f} images/s, "
-             f"{s['speedup_vs_torch']:.2f}x PyTorch eager")
+        s["speedup_vs_torch"] = base / s["median_ms"]
+        _say(f"speed {backend}: median {s['median_ms']:.2f} ms (rounds {s['min_ms']:.2f}-{s['max_ms']:.2f}), "
+             f"{s['images_per_s']:.1f} images/s, {s['speedup_vs_torch']:.2f}x PyTorch eager")
+    reference = runners["reference"].model
+    blocks = block_costs(profile_onnx(onnx_path, images, torch.get_num_threads()),
+                         module_costs(reference, imgsz, len(images)), reference)
+    report["blocks"] = {"onnx": onnx_path.name, **blocks}
+    for r in blocks["rows"]:
+        if r["kind"] == "attention":
+            _say(f"  {r['module']} {r['type']}: {r['ms']:.2f} ms, {r['time_share']:.1%} of the time, "
+                 f"{r['flop_share']:.1%} of the FLOPs")
 
 
 def parse_imgsz(value, stride):

@@ -219,3 +219,23 @@ def _prepare(model):
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def from_yaml(path, nc):
+    """An untrained model built from a model YAML (stock ultralytics names such as `yolov8n.yaml`, or ours in
+    models/cfg), as a LoadedCheckpoint: for benchmarks, where only the architecture matters. Plain YAML: nothing
+    is unpickled or imported."""
+    import models  # registers our blocks with ultralytics' YAML parser
+    from ultralytics.nn.tasks import DetectionModel
+
+    path = Path(path)
+    spec = path if path.is_file() else models.CFG_DIR / path.name if (models.CFG_DIR / path.name).is_file() else path
+    try:
+        model = DetectionModel(str(spec), nc=nc, verbose=False)
+    except (Exception, SystemExit) as e:
+        raise CheckpointError(f"{path}: not a buildable model YAML ({_one_line(e)}); pass a file or a stock "
+                              f"ultralytics name such as yolov8n.yaml") from None
+    names = {i: f"class{i}" for i in range(nc)}
+    model.names = names
+    return LoadedCheckpoint(model=_prepare(model), path=path, names=names, nc=nc, stride=_stride(model),
+                            task="detect", imgsz=None, source="yaml", saved_half=False)

@@ -11,7 +11,6 @@ import ast
 import copy
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,19 +206,6 @@ def _run_all(runner, images, batch):
     return np.concatenate(outs)
 
 
-def bench(runner, images, iterations, warmup=5):
-    """p50/p90 latency (ms) and images/s of one call on `images` (a batch), after warm-up."""
-    for _ in range(warmup):
-        runner(images)
-    times = []
-    for _ in tqdm(range(iterations), desc=f"bench {runner.name}", leave=False):
-        start = time.perf_counter()
-        runner(images)
-        times.append((time.perf_counter() - start) * 1000)
-    p50, p90 = float(np.percentile(times, 50)), float(np.percentile(times, 90))
-    return {"p50_ms": p50, "p90_ms": p90, "images_per_s": len(images) * 1000 / p50, "iterations": iterations}
-
-
 # ---- localisation: which attention block diverges first ------------------------------------------------
 def localize(reference_model, twin, images, half, tmpdir, precision):
     """Export the twin with every attention block's output as an extra ONNX output; name the first block whose
@@ -274,7 +260,7 @@ def main(argv=None):
     p.add_argument("--onnx", type=Path, required=True)
     p.add_argument("--engine", type=Path, default=None)
     p.add_argument("--images", type=Path, default=models.DEMO_DIR / "images")
-    p.add_argument("--bench", type=int, default=0)
+    p.add_argument("--bench", type=int, default=0, help="timed calls per backend per round, backends interleaved")
     args = p.parse_args(argv)
     try:
         results = _standalone(args)
@@ -304,8 +290,9 @@ def _standalone(args):
         results[backend] = compare(reference, runner, images, precision, batch, kinds.of(loaded).to_v8_layout)
         results[backend].pop("abs_diff_sample")
     if args.bench:
-        results["speed"] = {"torch": bench(reference, images[:batch], args.bench)}
-        results["speed"].update({b: bench(r, images[:batch], args.bench) for b, r in runners.items()})
+        from export.bench import interleaved
+
+        results["speed"] = interleaved({"torch": reference, **runners}, images[:batch], args.bench)
     return results
 
 

@@ -14,6 +14,15 @@ def write_report(report, out):
     atomic_write(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
     atomic_write(out / "report.md", markdown(report).encode())
     _plot(samples, report.get("speed", {}), out / "parity.png")
+    if report.get("blocks"):
+        _plot_blocks(report["blocks"], out / "blocks.png")
+
+
+def write_bench(result, out):
+    """`python -m export bench`: bench.json, bench.md (the table and where the time goes), bench.png."""
+    atomic_write(out / "bench.json", (json.dumps(result, indent=2, default=str) + "\n").encode())
+    atomic_write(out / "bench.md", bench_markdown(result).encode())
+    _plot_bench(result, out / "bench.png")
 
 
 def markdown(report):
@@ -53,13 +62,80 @@ def markdown(report):
     else:
         lines.append("Skipped (--no-parity).")
     if report.get("speed"):
-        lines += ["", "## Speed (same inputs, same threads)", "",
-                  "| backend | p50 ms | p90 ms | images/s | vs PyTorch eager |", "|---|---|---|---|---|"]
-        lines += [f"| {b} | {s['p50_ms']:.2f} | {s['p90_ms']:.2f} | {s['images_per_s']:.1f} | {s['speedup_vs_torch']:.2f}x |"
-                  for b, s in report["speed"].items()]
+        lines += ["", f"## Speed ({_bench_setting(report['bench'])})", "",
+                  "| backend | min ms | median ms | max ms | images/s | vs PyTorch eager |", "|---|---|---|---|---|---|"]
+        lines += [f"| {'PyTorch eager (reference)' if b == 'torch' else _label(b)} | {s['min_ms']:.2f} | {s['median_ms']:.2f} | {s['max_ms']:.2f} | "
+                  f"{s['images_per_s']:.1f} | {s['speedup_vs_torch']:.2f}x |" for b, s in report["speed"].items()]
+    lines += _blocks_lines(report.get("blocks"))
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _bench_setting(b):
+    t = b["threads"]
+    return (f"{b['rounds']} interleaved rounds of {b['iterations_per_round']} calls after {b['warmup']} warm-up "
+            f"calls; per backend the median of each round, then min / median / max across rounds; threads: "
+            f"onnxruntime {t['onnxruntime_intra_op_threads']}, torch {t['torch_threads']}, {t['cpu_count']} CPUs")
+
+
+def _blocks_lines(blocks):
+    """Where the time goes: the attention blocks, then every top-level layer (ORT profile vs FLOPs and params)."""
+    if not blocks:
+        return []
+    attributed = 1 - blocks["unattributed_ms"] / blocks["kernel_ms"]
+    head = ["| module | type | ms | share of time | share of FLOPs | share of params |", "|---|---|---|---|---|---|"]
+
+    def rows(kind):
+        return [f"| `{r['module']}` | {r['type']} | {r['ms']:.2f} | {r['time_share']:.1%} | {r['flop_share']:.1%} | "
+                f"{r['param_share']:.1%} |" for r in blocks["rows"] if r["kind"] == kind]
+
+    attention = [r for r in blocks["rows"] if r["kind"] == "attention"]
+    total = (f"All attention blocks: {sum(r['ms'] for r in attention):.2f} ms, "
+             f"{sum(r['time_share'] for r in attention):.1%} of the time for "
+             f"{sum(r['flop_share'] for r in attention):.1%} of the FLOPs and "
+             f"{sum(r['param_share'] for r in attention):.1%} of the parameters.") if attention else \
+        "No attention blocks in this model."
+    return ["", f"## Where the time goes (ONNX Runtime profile of `{blocks['onnx']}`, {blocks['profiled_runs']} runs)",
+            "", f"Kernels {blocks['kernel_ms']:.2f} ms per run of {blocks['run_ms']:.2f} ms (ORT's run; means over the "
+            f"profiled runs; the profiler adds a few microseconds per node, so blocks of many small nodes read a "
+            f"little high); "
+            f"{attributed:.1%} of the kernel time is attributed to layers. FLOPs: {blocks['total_flops'] / 1e9:.2f} G "
+            f"(convolutions and matmuls, of the reference model), parameters {blocks['total_params'] / 1e6:.2f} M.",
+            "", total, "", *head, *rows("attention"), "", "![time vs FLOPs per layer](blocks.png)", "",
+            "<details><summary>Every layer</summary>", "", *head, *rows("layer"), "", "</details>"]
+
+
+def bench_markdown(result):
+    t = result["threads"]
+    lines = [f"# Benchmark: ONNX Runtime CPU, {result['imgsz'][0]}x{result['imgsz'][1]}, batch {result['batch']}", "",
+             f"- {result['rounds']} interleaved rounds of {result['iterations_per_round']} calls per model after "
+             f"{result['warmup']} warm-up calls; per model the median of each round, then min / median / max across "
+             f"rounds. Over-first ratios use the min of the round medians.",
+             f"- Threads: onnxruntime {t['onnxruntime_intra_op_threads']}, torch {t['torch_threads']}, "
+             f"{t['cpu_count']} CPUs. Input: {result['input']}.",
+             "- FLOPs: convolutions and matmuls of each reference model (torch FlopCounterMode). Bound: time over "
+             "first <= max(1.5 x FLOPs over first, FLOPs over first + 2 points).", "",
+             "| model | precision | min ms | median ms | max ms | time over first | GFLOPs | FLOPs over first | bound "
+             "| within |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        flops = f"{r['flops'] / 1e9:.2f}" if r["flops"] else "n/a"
+        bound = (f"{r['flops_over_first']:+.1%} | {r['time_bound']:.1%} | "
+                 f"{'yes' if r['within_bound'] else '**no**'}") if "flops_over_first" in r else "n/a | | "
+        lines.append(f"| {r['model']} | {r['precision']} | {r['min_ms']:.2f} | {r['median_ms']:.2f} | "
+                     f"{r['max_ms']:.2f} | {r['time_over_first']:+.1%} | {flops} | {bound} |")
+    lines += ["", "## Where the time goes (fp32, ONNX Runtime profile)", "",
+              "| model | attention blocks | their ms | share of time | share of FLOPs | share of params |",
+              "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        b = r["blocks"]
+        if r["precision"] != "fp32" or not b:
+            continue
+        att = [x for x in b["rows"] if x["kind"] == "attention"]
+        lines.append(f"| {r['model']} | {len(att)} | {sum(x['ms'] for x in att):.2f} | "
+                     f"{sum(x['time_share'] for x in att):.1%} | {sum(x['flop_share'] for x in att):.1%} | "
+                     f"{sum(x['param_share'] for x in att):.1%} |")
+    return "\n".join(lines + ["", "![time and FLOPs over the first model](bench.png)", ""])
 
 
 def _label(backend):
@@ -118,13 +194,7 @@ def _skipped(info):
 
 
 def _plot(samples, speed, path):
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (ax_err, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
     for backend, values in samples.items():
         if values:
@@ -136,15 +206,63 @@ def _plot(samples, speed, path):
         ax_err.legend()
     if speed:
         names = list(speed)
-        p50 = [speed[n]["p50_ms"] for n in names]
-        p90 = [speed[n]["p90_ms"] - speed[n]["p50_ms"] for n in names]
-        ax_speed.bar(names, p50, yerr=[[0] * len(names), p90], capsize=4)
-        ax_speed.set(title="latency per call (p50, bar to p90)", ylabel="ms")
+        median = [speed[n]["median_ms"] for n in names]
+        spread = [[m - speed[n]["min_ms"] for n, m in zip(names, median)],
+                  [speed[n]["max_ms"] - m for n, m in zip(names, median)]]
+        ax_speed.bar(names, median, yerr=spread, capsize=4)
+        ax_speed.set(title="latency per call (median of round medians, bar: min to max)", ylabel="ms")
     else:
         ax_speed.text(0.5, 0.5, "no benchmark (--bench N)", ha="center", va="center")
         ax_speed.set_axis_off()
+    _save(fig, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path):
+    import io
+
+    plt = _pyplot()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     atomic_write(path, buf.getvalue())
+
+
+def _plot_blocks(blocks, path):
+    """Per top-level layer: share of kernel time beside share of FLOPs; layers holding attention starred."""
+    plt = _pyplot()
+    layers = [r for r in blocks["rows"] if r["kind"] == "layer"]
+    labels = [f"{r['module']} {r['type']}{' *' if r['contains_attention'] else ''}" for r in layers]
+    y = range(len(layers))
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(layers) + 1.5))
+    ax.barh([i - 0.2 for i in y], [100 * r["time_share"] for r in layers], height=0.4, label="share of time")
+    ax.barh([i + 0.2 for i in y], [100 * r["flop_share"] for r in layers], height=0.4, label="share of FLOPs")
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="% of the model", title="Where the time goes (ONNX Runtime profile; * holds attention)")
+    ax.legend()
+    _save(fig, path)
+
+
+def _plot_bench(result, path):
+    plt = _pyplot()
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) + 2), 4))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [100 * r["time_over_first"] for r in rows], width=0.4, label="time over first")
+    ax.bar([i + 0.2 for i in x], [100 * r.get("flops_over_first", 0) for r in rows], width=0.4,
+           label="FLOPs over first")
+    ax.set_xticks(list(x), [f"{r['model']}\n{r['precision']}" for r in rows], fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set(ylabel="% over the first model", title="ONNX Runtime CPU, min of round medians")
+    ax.legend()
+    _save(fig, path)

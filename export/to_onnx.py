@@ -40,6 +40,13 @@ def trace(module, example, opset=17, input_names=("x",), output_names=("y",), dy
         return attach_functions(onnx.load(str(raw)))
 
 
+def node_scope(node_name):
+    """The dotted module path of the calls enclosing an ONNX node ('' for nodes outside the model's modules).
+    torch names a node after the modules whose calls enclose it; the export wrapper adds the leading `model`."""
+    parts = node_name.split("/")[1:-1]  # '/model/model.10/qk/Gemm' -> ['model', 'model.10', 'qk']
+    return ".".join(parts[1:]) if parts[:1] == ["model"] else ""
+
+
 def save(model, path):
     """Check and write `model` to `path` atomically."""
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)

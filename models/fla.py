@@ -165,36 +165,38 @@ class FocusedLinearAttentionExport(FocusedLinearAttention):
     the linear layers are 1x1 convolutions on the map, heads are a reshape of the channel axis (the
     seed's heads are channel-contiguous), kᵀv and q(kᵀv) are batched matmuls on channel-major
     (B, heads, d, N) tensors, and the per-head depth-wise conv is one grouped conv with the head kernel
-    tiled over the heads, on the v map as it already is. Focusing, the normalizer and both products
-    stay in fp32.
+    tiled over the heads, on the v map as it already is. q and k share one conv and one focusing pass
+    and one split straight into heads; the normalizer divides once. On ONNX Runtime's CPU provider at
+    these sizes every node costs tens of microseconds whatever its arithmetic, so the node count is
+    kept low. Focusing, the normalizer and both products stay in fp32.
     """
 
     def forward(self, x):
         B, C, H, W = x.shape
         dtype, heads = x.dtype, self.num_heads
         inv_scale = 1 / F.softplus(self.scale.float()).reshape(C)
-        q, k, v = self._qkv(x, inv_scale)
-        q, k, v32 = _heads(q, heads), _heads(k, heads), _heads(v.float(), heads)  # (B, heads, d, N or M)
-        z = 1 / (k.sum(dim=-1, keepdim=True).transpose(-2, -1) @ q + 1e-6)  # (B, heads, 1, N)
-        out = ((v32 @ k.transpose(-2, -1)) @ q) * z  # (kᵀv)ᵀ q, channel-major: (B, heads, d, N)
+        q, k, v = self._qkv(x, inv_scale)  # q, k: focused fp32 (B, heads, d, N or M)
+        den = k.sum(dim=-1, keepdim=True).transpose(-2, -1) @ q + 1e-6  # (B, heads, 1, N)
+        out = ((_heads(v.float(), heads) @ k.transpose(-2, -1)) @ q) / den  # (kᵀv)ᵀ q, channel-major
         vmap = v if self.sr_ratio == 1 else F.interpolate(v.flatten(2), size=H * W, mode="linear")
         out = out.to(dtype).reshape(B, C, H, W) + self._dwc_heads(vmap.reshape(B, C, H, W))
         return self.proj_drop(_conv1x1(out, self.proj))
 
     def _qkv(self, x, inv_scale):
-        """Focused q and k (fp32, (B, C, N) / (B, C, M)) and v (input dtype, NCHW).
+        """Focused q and k (fp32, (B, heads, d, N) / (B, heads, d, M)) and v (input dtype, NCHW).
         relu(t) / scale == relu(t / scale) (scale > 0): the division is folded into the q and k weights."""
-        C = x.shape[1]
+        C, heads = x.shape[1], self.num_heads
         # ReLU right after the conv (before the cast and reshape, which it commutes with) fuses into it
         if self.sr_ratio == 1:  # q and k in one conv and one focusing pass, stacked as (B, 2, C, N)
             qk = F.relu(_conv1x1(x, self.q, inv_scale, also=(self.kv, slice(0, C))))
             qk = _focus(qk.float().reshape(x.shape[0], 2, C, -1), inv_scale, self.focusing_factor, dim=2)
-            q, k = qk.unbind(1)
+            # one split straight into heads: (B, 2 * heads, d, N) -> 2 x (B, heads, d, N), no squeezes
+            q, k = qk.reshape(x.shape[0], 2 * heads, C // heads, -1).split(heads, dim=1)
             return q, k, _conv1x1(x, self.kv, rows=slice(C, 2 * C))
         kv_in = self._kv_input(x)
         q = F.relu(_conv1x1(x, self.q, inv_scale)).float().flatten(2)
         k = F.relu(_conv1x1(kv_in, self.kv, inv_scale, rows=slice(0, C))).float().flatten(2)
-        q, k = (_focus(t, inv_scale, self.focusing_factor, dim=1) for t in (q, k))
+        q, k = (_heads(_focus(t, inv_scale, self.focusing_factor, dim=1), heads) for t in (q, k))
         return q, k, _conv1x1(kv_in, self.kv, rows=slice(C, 2 * C))
 
     def _kv_input(self, x):

@@ -78,9 +78,17 @@ def test_ultralytics_runs_our_onnx_and_dynamic_shapes(tmp_path):
 
 def test_bench_and_standalone_parity(tmp_path):
     weights = models.demo_checkpoint("s2")
-    assert main(["--weights", str(weights), "--out", str(tmp_path), "--bench", "3", "--batch", "2"]) == 0
-    speed = _report(tmp_path)["speed"]
-    assert {"torch", "onnxruntime"} <= set(speed) and all({"p50_ms", "p90_ms"} <= set(s) for s in speed.values())
+    assert main(["--weights", str(weights), "--out", str(tmp_path), "--bench", "3", "--bench-rounds", "2",
+                 "--batch", "2"]) == 0
+    report = _report(tmp_path)
+    speed = report["speed"]
+    assert {"torch", "onnxruntime"} <= set(speed)
+    assert all(len(s["round_medians_ms"]) == 2 and s["min_ms"] <= s["median_ms"] <= s["max_ms"] for s in speed.values())
+    assert report["bench"]["threads"]["onnxruntime_intra_op_threads"] >= 1 and report["bench"]["batch"] == 2
+    attention = [r for r in report["blocks"]["rows"] if r["kind"] == "attention"]
+    assert attention and all(r["ms"] > 0 and 0 < r["flop_share"] < 1 for r in attention)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Where the time goes" in md and "](blocks.png)" in md and (tmp_path / "blocks.png").is_file()
     proc = subprocess.run([sys.executable, "-m", "export", "parity", "--weights", str(weights), "--onnx",
                            str(tmp_path / f"{weights.stem}.onnx")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -106,7 +114,8 @@ def test_lint_flags_three_input_einsum_and_scatternd():
     (["--imgsz", "a,b"], "must be N or H,W"),
     (["--half", "--engine", "fp32"], "drop --half"),
     (["--images", "/nonexistent"], "no images found"),
-    (["--batch", "0"], "--batch must be >= 1"),
+    (["--batch", "0"], "--batch and --bench-rounds must be >= 1"),
+    (["--bench-rounds", "0"], "--batch and --bench-rounds must be >= 1"),
 ])
 def test_bad_arguments_exit_2(args, phrase, tmp_path, capsys):
     out = tmp_path / "out"
