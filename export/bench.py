@@ -1,8 +1,9 @@
 """Speed you can trust, and what each block costs at deployment.
 
 - `interleaved`: warm-up, then rounds; in each round every runner makes `iterations` calls back to back, in
-  an order that rotates between rounds. Per runner: the median of each round, and the min / median / max of
-  those medians. On a shared CPU single runs move by tens of percent; interleaved in one run, ratios hold.
+  an order that rotates between rounds, ONNX Runtime sessions opened afresh each round (`Fresh`). Per
+  runner: the median of each round, and the min / median / max of those medians. On a shared CPU single
+  runs move by tens of percent; interleaved in one run, ratios hold much better.
 - `profile_onnx`: ONNX Runtime's profiler on one file. Kernel time per node is charged to the module whose
   call made the node (node names carry it: `/model/model.15/m.0/FLA/MatMul`). The layout reorders ORT
   inserts around its blocked-layout (NCHWc) convolutions have no scope: each is charged to the neighbour
@@ -13,6 +14,7 @@
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -47,25 +49,42 @@ def thread_settings(ort_threads):
             "cpu_count": os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
 
+class Fresh:
+    """A runner rebuilt at every round (an ONNX Runtime session): measured here, two sessions of the same file
+    in one run kept offsets of up to 5% from each other for their whole life, so one session per model
+    would bias the comparison; a fresh session per round turns that offset into round-to-round spread."""
+
+    def __init__(self, make):
+        self.make = make
+
+
 def interleaved(runners, images, iterations, rounds=DEFAULT_ROUNDS, warmup=DEFAULT_WARMUP):
-    """{name: latency stats (ms)} of each runner's call on `images` (one batch), timed in interleaved rounds."""
+    """{name: latency stats (ms)} of each runner's call on `images` (one batch), timed in interleaved rounds.
+    A `Fresh` runner is rebuilt and warmed up at every round; any other runner is warmed up once."""
     names = list(runners)
-    for name in names:
-        for _ in range(warmup):
-            runners[name](images)
+    kept = {n: r for n, r in runners.items() if not isinstance(r, Fresh)}
+    for runner in kept.values():
+        _warm(runner, images, warmup)
     medians = defaultdict(list)
     steps = tqdm(total=rounds * len(names) * iterations, desc="bench", leave=False, disable=None)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no runner always goes first
+            runner = kept.get(name) or _warm(runners[name].make(), images, warmup)
             times = []
             for _ in range(iterations):
                 start = time.perf_counter()
-                runners[name](images)
+                runner(images)
                 times.append((time.perf_counter() - start) * 1000)
                 steps.update()
             medians[name].append(statistics.median(times))
     steps.close()
     return {name: latency_stats(medians[name], iterations, len(images)) for name in names}
+
+
+def _warm(runner, images, calls):
+    for _ in range(calls):
+        runner(images)
+    return runner
 
 
 def latency_stats(round_medians, iterations, batch):
@@ -254,7 +273,8 @@ def run(args):
     images = tile(read_images(args.images, imgsz)[:1], args.batch)
     args.out.mkdir(parents=True, exist_ok=True)
     subjects = _subjects(args, imgsz, images)
-    runners = {_key(s.name, p): OrtRunner(f, threads) for s in subjects for p, f in s.files.items()}
+    runners = {_key(s.name, p): Fresh(functools.partial(OrtRunner, f, threads))
+               for s in subjects for p, f in s.files.items()}
     timing = interleaved(runners, images, args.iterations, args.rounds, args.warmup)
     rows = []
     for s in subjects:

@@ -4,6 +4,7 @@ Exit codes: 0 ok, 2 bad input, 3 export or build failed, 4 parity or int8 accura
 """
 
 import argparse
+import functools
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -28,8 +29,8 @@ from export.lint import lint
 from export.lint import summary as lint_summary
 from export.load import CheckpointError, load
 from export.images import MAX_IMAGES, read_images, tile
-from export.bench import DEFAULT_ROUNDS, DEFAULT_WARMUP, block_costs, interleaved, module_costs, profile_onnx, \
-    thread_settings
+from export.bench import DEFAULT_ROUNDS, DEFAULT_WARMUP, Fresh, block_costs, interleaved, module_costs, \
+    profile_onnx, thread_settings
 from export.parity import OrtRunner, TorchRunner, TrtRunner, compare, engine_runtime, localize
 from export.report import write_report
 from export.rewrite import rewrite
@@ -376,7 +377,8 @@ def _parity(report, runners, images, plan, batch, twin, imgsz, to_v8_layout):
 
 def _bench(report, args, runners, images, onnx_path, imgsz):
     """Interleaved timing of every backend, then where the time goes in the primary ONNX (ORT profile vs FLOPs)."""
-    timed = {"torch" if b == "reference" else b: r for b, r in runners.items() if b != "torch"}  # twin times alike
+    timed = {"torch" if b == "reference" else b: Fresh(functools.partial(OrtRunner, r.path)) if isinstance(r, OrtRunner)
+             else r for b, r in runners.items() if b != "torch"}  # the twin in PyTorch times like the reference
     report["speed"] = interleaved(timed, images, args.bench, args.bench_rounds)
     report["bench"] = {"threads": thread_settings(torch.get_num_threads()), "rounds": args.bench_rounds,
                        "iterations_per_round": args.bench, "warmup": DEFAULT_WARMUP, "batch": len(images)}

@@ -65,6 +65,7 @@ class OrtRunner:
     name = "onnxruntime"
 
     def __init__(self, path, threads=None):
+        self.path = path
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()  # same threads as torch
         available = ort.get_available_providers()

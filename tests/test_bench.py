@@ -36,6 +36,19 @@ def test_interleaved_rounds_rotate_and_summarise():
         assert s["min_ms"] <= s["median_ms"] <= s["max_ms"]
 
 
+def test_fresh_runners_are_rebuilt_and_warmed_every_round():
+    log, made = [], []
+
+    def make():
+        made.append(1)
+        return _Counter("fresh", log)
+
+    stats = bench.interleaved({"kept": _Counter("kept", log), "fresh": bench.Fresh(make)},
+                              np.zeros((1, 3, 8, 8), np.float32), iterations=3, rounds=4, warmup=2)
+    assert len(made) == 4 and log.count("fresh") == 4 * (2 + 3) and log.count("kept") == 2 + 4 * 3
+    assert stats["fresh"]["rounds"] == 4
+
+
 def test_latency_stats():
     s = bench.latency_stats([3.0, 1.0, 2.0, 10.0, 4.0], iterations=7, batch=2)
     assert (s["min_ms"], s["median_ms"], s["max_ms"]) == (1.0, 3.0, 10.0)
