@@ -31,7 +31,7 @@ from export.load import CheckpointError, load
 from export.images import MAX_IMAGES, read_images, tile
 from export.bench import DEFAULT_ROUNDS, DEFAULT_WARMUP, Fresh, block_costs, interleaved, module_costs, \
     profile_onnx, thread_settings
-from export.parity import OrtRunner, TorchRunner, TrtRunner, compare, engine_runtime, localize
+from export.parity import MAX_PICTURED, OrtRunner, TorchRunner, TrtRunner, compare, engine_runtime, localize
 from export.report import write_report
 from export.rewrite import rewrite
 from export.to_onnx import export_yolo
@@ -292,7 +292,7 @@ def _finish(report, out):
         failed.append("int8 accuracy")
     report["exit_code"] = EXIT_PARITY_FAILED if failed else EXIT_OK
     write_report(report, out)
-    _say(f"wrote {out / 'report.json'}, report.md, parity.png")
+    _say(f"wrote {out / 'report.json'}, report.md" + "".join(f", {p}" for p in report["pictures"]))
     if failed:
         print(f"error: {', '.join(failed)} failed (see {out / 'report.md'})", file=sys.stderr)
     return report["exit_code"]
@@ -358,6 +358,7 @@ def _runners(loaded, twin, imgsz, onnx_files, engine_path, report):
 def _parity(report, runners, images, plan, batch, twin, imgsz, to_v8_layout):
     reference = runners["reference"]
     precisions = _precision_of(report, plan)
+    report["_images"] = images[:MAX_PICTURED]  # drawn in detections.png, not written to report.json
     for backend in tqdm([b for b in runners if b != "reference"], desc="parity", leave=False, disable=None):
         wanted = precisions[backend]
         r = report["parity"][backend] = compare(reference, runners[backend], images, wanted, batch, to_v8_layout)

@@ -32,6 +32,7 @@ from models import fla
 
 CONF, IOU_NMS, TOP_ANCHORS = 0.25, 0.7, 100
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+MAX_PICTURED = 8  # images drawn in detections.png
 
 
 @dataclass(frozen=True)
@@ -150,9 +151,7 @@ def box_metrics(ref_dets, dets):
         target_cls.append(gt[:, 5])
         if not len(det):
             continue
-        iou = box_iou(torch.from_numpy(gt[:, :4]), torch.from_numpy(det[:, :4])).numpy() if len(gt) else \
-            np.zeros((0, len(det)))
-        iou = iou * (gt[:, 5:6] == det[None, :, 5])
+        iou = _iou(gt, det) * (gt[:, 5:6] == det[None, :, 5])  # matches need the same class
         tp = np.stack([_greedy_match(iou, t) for t in IOU_THRESHOLDS], 1)
         half = _greedy_match(iou, 0.5, return_ious=True)
         matched += len(half)
@@ -172,16 +171,45 @@ def box_metrics(ref_dets, dets):
             "mean_iou": float(np.mean(ious)) if ious else (1.0 if n_ref == n_det == 0 else 0.0), "map50_95": map50_95}
 
 
-def _greedy_match(iou, threshold, return_ious=False):
-    """Match each ground truth to at most one detection, best IoU first; tp flags per detection (or matched IoUs)."""
-    tp = np.zeros(iou.shape[1], bool)
-    used_gt, used_det, matched = set(), set(), []
+def _iou(gt, det):
+    if not len(gt) or not len(det):
+        return np.zeros((len(gt), len(det)))
+    return box_iou(torch.from_numpy(gt[:, :4]), torch.from_numpy(det[:, :4])).numpy()
+
+
+def disagreements(gt, det):
+    """Where a backend's detections differ from PyTorch's on one image, by the box metrics' own matching (same
+    class, IoU >= 0.5, best IoU first): {missed: PyTorch boxes left unmatched, extra: backend boxes left
+    unmatched, flips: (PyTorch box, backend box) pairs among those that match at IoU >= 0.5 with another class}."""
+    iou = _iou(gt, det)
+    same = iou * (gt[:, 5:6] == det[None, :, 5]) if len(gt) and len(det) else iou
+    pairs = _greedy_pairs(same, 0.5)
+    missed = [g for g in range(len(gt)) if g not in {p[0] for p in pairs}]
+    extra = [d for d in range(len(det)) if d not in {p[1] for p in pairs}]
+    flips = _greedy_pairs(iou[np.ix_(missed, extra)], 0.5) if missed and extra else []
+    flips = [(missed[g], extra[d]) for g, d in flips]
+    return {"matched": len(pairs), "missed": [g for g in missed if g not in {f[0] for f in flips}],
+            "extra": [d for d in extra if d not in {f[1] for f in flips}], "flips": flips}
+
+
+def _greedy_pairs(iou, threshold):
+    """(gt, det) index pairs: each ground truth matched to at most one detection, best IoU first."""
+    used_gt, used_det, pairs = set(), set(), []
     for g, d in sorted(zip(*np.nonzero(iou >= threshold)), key=lambda gd: -iou[gd]):
         if g not in used_gt and d not in used_det:
             used_gt.add(g), used_det.add(d)
-            tp[d] = True
-            matched.append(float(iou[g, d]))
-    return matched if return_ious else tp
+            pairs.append((int(g), int(d)))
+    return pairs
+
+
+def _greedy_match(iou, threshold, return_ious=False):
+    """Tp flags per detection (or the matched IoUs) of the greedy matching."""
+    pairs = _greedy_pairs(iou, threshold)
+    if return_ious:
+        return [float(iou[g, d]) for g, d in pairs]
+    tp = np.zeros(iou.shape[1], bool)
+    tp[[d for _, d in pairs]] = True
+    return tp
 
 
 def compare(reference, runner, images, precision, batch=1, to_v8_layout=None):
@@ -192,13 +220,15 @@ def compare(reference, runner, images, precision, batch=1, to_v8_layout=None):
     ref_v8, out_v8 = (to_v8_layout(ref), to_v8_layout(out)) if to_v8_layout else (ref, out)
     result = raw_metrics(ref, out)
     result["top_anchor_max_rel"] = _top_anchor_rel(ref_v8, out_v8)
-    result.update(box_metrics(detections(ref_v8), detections(out_v8)))
+    ref_dets, dets = detections(ref_v8), detections(out_v8)
+    result.update(box_metrics(ref_dets, dets))
     limits = THRESHOLDS[precision]
     result["pass"] = bool(result["finite"] and result["rel_max_abs"] <= limits.rel_max_abs
                           and result["cosine"] >= limits.cosine and result["box_recall"] >= limits.box_recall
                           and result["box_precision"] >= limits.box_precision)
     result["thresholds"] = limits.__dict__
     result["abs_diff_sample"] = np.abs(out - ref).ravel()[:: max(1, out.size // 20000)].tolist()
+    result["detections_sample"] = {"reference": ref_dets[:MAX_PICTURED], "backend": dets[:MAX_PICTURED]}
     return result
 
 
@@ -290,6 +320,7 @@ def _standalone(args):
     for backend, runner in runners.items():
         results[backend] = compare(reference, runner, images, precision, batch, kinds.of(loaded).to_v8_layout)
         results[backend].pop("abs_diff_sample")
+        results[backend].pop("detections_sample")
     if args.bench:
         from export.bench import interleaved
 

@@ -3,6 +3,8 @@
 import json
 import math
 
+import numpy as np
+
 from export.files import atomic_write
 from export.kinds import KINDS
 
@@ -10,12 +12,27 @@ BACKEND_LABEL = {"torch": "PyTorch (export twin)", "onnxruntime": "ONNX Runtime"
 
 
 def write_report(report, out):
-    samples = {b: r.pop("abs_diff_sample", None) for b, r in report.get("parity", {}).items()}
-    atomic_write(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
-    atomic_write(out / "report.md", markdown(report).encode())
-    _plot(samples, report.get("speed", {}), out / "parity.png")
+    """report.json, report.md and the pictures it embeds (those with something to show)."""
+    parity = report.get("parity", {})
+    samples = {b: r.pop("abs_diff_sample", None) for b, r in parity.items()}
+    pictured = {b: r.pop("detections_sample", None) for b, r in parity.items()}
+    images = report.pop("_images", None)
+    report["pictures"] = []
+    if any(samples.values()) or report.get("speed"):
+        _plot(samples, report.get("speed", {}), out / "parity.png")
+        report["pictures"].append("parity.png")
+    if images is not None and any(pictured.values()):
+        labels = {b: f"{_label(b)}, {r.get('precision', '')}" for b, r in parity.items()}
+        _plot_detections(images, pictured, labels, report["checkpoint"]["names"], out / "detections.png")
+        report["pictures"].append("detections.png")
+    if report.get("modules"):
+        _plot_block_errors(report, out / "errors.png")
+        report["pictures"].append("errors.png")
     if report.get("blocks"):
         _plot_blocks(report["blocks"], out / "blocks.png")
+        report["pictures"].append("blocks.png")
+    atomic_write(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
+    atomic_write(out / "report.md", markdown(report).encode())
 
 
 def write_bench(result, out):
@@ -32,7 +49,11 @@ def markdown(report):
              f"- ONNX: {_files(report)} (imgsz {report['imgsz']}, batch {report['batch']}"
              f"{', dynamic' if report['dynamic'] else ''})",
              f"- Engine: {('`' + report['engine'] + '`') if report.get('engine') else _skipped(report.get('engine_build'))}",
-             f"- Exit code: {report['exit_code']}", ""]
+             f"- Exit code: {report['exit_code']}", "", *verdicts(report), ""]
+    if "detections.png" in report.get("pictures", []):
+        lines += ["## Detections side by side", "", "PyTorch (the reference) and every backend on the parity images; "
+                  "marked: PyTorch boxes a backend missed (MISSED), backend boxes PyTorch does not have (EXTRA), "
+                  "class flips (FLIP).", "", "![detections](detections.png)", ""]
     if report["checkpoint"]["remapped"]:
         lines += ["## Classes remapped", "", "| in the checkpoint | reconstructed as |", "|---|---|"]
         lines += [f"| `{k}` | `{v}` |" for k, v in report["checkpoint"]["remapped"].items()] + [""]
@@ -40,6 +61,8 @@ def markdown(report):
               "| block | reference → twin | input | max abs | rel | note |", "|---|---|---|---|---|---|"]
     lines += [f"| `{m['name']}` | {m['reference']} → {m['twin']} | {'x'.join(map(str, m['input_shape']))} | "
               f"{m['max_abs']:.3g} | {m['rel']:.2g} | {m['note']} |" for m in report["modules"]] or ["| (none) |||||"]
+    if "errors.png" in report.get("pictures", []):
+        lines += ["", "![error per block](errors.png)"]
     lines += ["", "## Lint (TensorRT's ONNX parser)", ""]
     lines += [f"- **{f['severity']}** ({f.get('onnx', report['precision'])}) `{f['op'] or f['rule']}` {f['node']}: "
               f"{f['message']}" for f in report["lint"]] or ["Clean: nothing TensorRT rejects or runs badly."]
@@ -61,6 +84,8 @@ def markdown(report):
             lines += ["", f"First diverging block ({loc['backend']}): `{loc['first_divergent_block']}`"]
     else:
         lines.append("Skipped (--no-parity).")
+    if "parity.png" in report.get("pictures", []):
+        lines += ["", "![parity](parity.png)"]
     if report.get("speed"):
         lines += ["", f"## Speed ({_bench_setting(report['bench'])})", "",
                   "| backend | min ms | median ms | max ms | images/s | vs PyTorch eager |", "|---|---|---|---|---|---|"]
@@ -70,6 +95,39 @@ def markdown(report):
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+CRITERIA = (("rel_max_abs", "max abs / output scale", "<="), ("cosine", "cosine", ">="),
+            ("box_recall", "box recall", ">="), ("box_precision", "box precision", ">="))
+
+
+def verdicts(report):
+    """One line per backend: pass / FAIL and the figure that decided it (the failing one, else the closest)."""
+    lines = []
+    for backend, r in report.get("parity", {}).items():
+        if "skipped" in r:
+            lines.append(f"- {_label(backend)}: not run ({r['skipped']})")
+            continue
+        lines.append(f"- {_label(backend)} ({r['precision']}): {'pass' if r['pass'] else '**FAIL**'}, "
+                     f"{_deciding(r)}")
+    if "int8" in report and "drop_points" in report["int8"]:
+        i8 = report["int8"]
+        lines.append(f"- INT8 accuracy: {'pass' if i8['pass'] else '**FAIL**'}, mAP50-95 drop "
+                     f"{i8['drop_points']:.2f} points (tolerance {i8['tolerance_points']})")
+    return lines
+
+
+def _deciding(r):
+    if not r["finite"]:
+        return "non-finite outputs"
+    limits = r["thresholds"]
+
+    def margin(key, op):  # < 1: fails; the smaller, the closer to the limit
+        value, limit = r[key], limits[key]
+        return (limit / max(value, 1e-30)) if op == "<=" else (1 - limit) / max(1 - value, 1e-30)
+
+    key, what, op = min(CRITERIA, key=lambda c: margin(c[0], c[2]))
+    return f"{what} {r[key]:.7g} (limit {op} {limits[key]:.7g})"
 
 
 def _bench_setting(b):
@@ -195,15 +253,26 @@ def _skipped(info):
 
 def _plot(samples, speed, path):
     plt = _pyplot()
-    fig, (ax_err, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
+    panels = 2 if speed and any(samples.values()) else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    if any(samples.values()):
+        _plot_errors(axes[0][0], samples)
+    if speed:
+        _plot_speed(axes[0][-1], speed)
+    _save(fig, path)
+
+
+def _plot_errors(ax_err, samples):
     for backend, values in samples.items():
         if values:
             logs = [math.log10(v) if v > 0 else -12 for v in values]
             ax_err.hist(logs, bins=60, histtype="step", label=BACKEND_LABEL.get(backend, backend))
     ax_err.set(title="|backend - PyTorch| per output value", xlabel="log10 |difference| (exact matches at -12)",
                ylabel="count")
-    if any(samples.values()):
-        ax_err.legend()
+    ax_err.legend()
+
+
+def _plot_speed(ax_speed, speed):
     if speed:
         names = list(speed)
         median = [speed[n]["median_ms"] for n in names]
@@ -211,9 +280,70 @@ def _plot(samples, speed, path):
                   [speed[n]["max_ms"] - m for n, m in zip(names, median)]]
         ax_speed.bar(names, median, yerr=spread, capsize=4)
         ax_speed.set(title="latency per call (median of round medians, bar: min to max)", ylabel="ms")
-    else:
-        ax_speed.text(0.5, 0.5, "no benchmark (--bench N)", ha="center", va="center")
-        ax_speed.set_axis_off()
+
+
+def _plot_detections(images, pictured, labels, names, path):
+    """One row per parity image, one column per backend: boxes with class and confidence (ultralytics'
+    Annotator), the disagreements with PyTorch marked, and a one-line count per panel."""
+    from ultralytics.utils.plotting import Annotator, colors
+
+    from export.parity import disagreements
+
+    plt = _pyplot()
+    backends = [b for b, d in pictured.items() if d and b != "torch"]  # the twin in PyTorch: parity's table
+    reference = next(d for d in pictured.values() if d)["reference"]
+    rows = min(len(images), len(reference))
+    fig, axes = plt.subplots(rows, 1 + len(backends), figsize=(3.3 * (1 + len(backends)), 3.5 * rows), squeeze=False)
+    for i in range(rows):
+        picture = np.ascontiguousarray((images[i].transpose(1, 2, 0) * 255).astype(np.uint8))  # RGB
+        panels = [("PyTorch (reference)", reference[i], None)]
+        panels += [(labels[b], pictured[b]["backend"][i], disagreements(reference[i], pictured[b]["backend"][i]))
+                   for b in backends]
+        for ax, (title, dets, diff) in zip(axes[i], panels):
+            ann = Annotator(picture.copy(), line_width=1, example=str(names))
+            _draw(ann, dets, reference[i], diff, names, colors)
+            count = f"{len(dets)} boxes" + (f"; {len(diff['missed'])} missed, {len(diff['extra'])} extra, "
+                                            f"{len(diff['flips'])} flips" if diff else "")
+            ax.imshow(ann.result())
+            ax.set_title(f"{title}\n{count}", fontsize=8)
+            ax.set_axis_off()
+    _save(fig, path)
+
+
+MISSED, WRONG = (255, 0, 255), (255, 0, 0)  # RGB: magenta for a missed box, red for an extra or flipped one
+
+
+def _draw(ann, dets, reference, diff, names, colors):
+    flagged = set(diff["extra"]) | {d for _, d in diff["flips"]} if diff else set()
+    for k, box in enumerate(dets):
+        cls = int(box[5])
+        label = f"{names.get(cls, names.get(str(cls), cls))} {box[4]:.2f}"
+        if k in flagged:
+            label = ("EXTRA " if k in diff["extra"] else "FLIP ") + label
+        ann.box_label(box[:4], label, color=WRONG if k in flagged else colors(cls, False))
+    for g in diff["missed"] if diff else []:
+        cls = int(reference[g][5])
+        ann.box_label(reference[g][:4], f"MISSED {names.get(cls, names.get(str(cls), cls))}", color=MISSED)
+
+
+def _plot_block_errors(report, path):
+    """Each rewritten block's twin-vs-reference error and, when localisation ran, its error in the backend."""
+    plt = _pyplot()
+    names = [m["name"] for m in report["modules"]]
+    located = report.get("localization", {}).get("block_errors", {})
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.6))
+    y = np.arange(len(names))
+    ax.barh(y - (0.2 if located else 0), [max(m["rel"], 1e-12) for m in report["modules"]], height=0.4,
+            label="export twin vs reference (PyTorch, fp32)")
+    if located:
+        backend = report["localization"]["backend"]
+        ax.barh(y + 0.2, [max(located.get(n, 0), 1e-12) for n in names], height=0.4,
+                label=f"{_label(backend)} vs reference")
+    ax.set_xscale("log")
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="max abs difference / output scale of the block", title="Where the error lives, per block")
+    ax.legend(fontsize=8)
     _save(fig, path)
 
 

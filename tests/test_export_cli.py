@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from PIL import Image
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
@@ -36,8 +37,15 @@ def test_fp32_onnx_passes_parity(family, tmp_path):
     assert METRIC_KEYS <= set(ort_parity) and ort_parity["pass"]
     assert ort_parity["box_recall"] == 1.0 and ort_parity["detections_torch"] > 0
     assert report["modules"] and all(m["rel"] <= 1e-5 for m in report["modules"])
-    assert (tmp_path / "report.md").read_text().startswith("# Export report")
-    assert (tmp_path / "parity.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# Export report")
+    assert "- ONNX Runtime (fp32): pass, max abs / output scale" in md  # the verdict line and its figure
+    for picture in ("parity.png", "detections.png", "errors.png"):
+        assert f"]({picture})" in md and picture in report["pictures"]
+    assert "blocks.png" not in md and not (tmp_path / "blocks.png").exists()  # no --bench: nothing to show
+    # one row per parity image (4 samples), one column each: PyTorch, the twin's parity is a table, ONNX Runtime
+    assert Image.open(tmp_path / "detections.png").size == (2 * 330, 4 * 350)
+    assert Image.open(tmp_path / "parity.png").size == (550, 400)  # the error histogram alone
 
 
 @pytest.mark.slow
