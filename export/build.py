@@ -21,6 +21,8 @@ import json
 import time
 from pathlib import Path
 
+import onnx
+
 import plugins
 from export.files import atomic_write
 
@@ -67,18 +69,19 @@ def _version(trt):
 
 
 def build_engine(onnx_path, engine_path, precision, imgsz, batch=1, dynamic=False, workspace_gib=4.0, cache_path=None,
-                 metadata=None, plugins=False, fp32_layers=()):
+                 metadata=None, plugins=False, fp32_layers=(), verbose=False):
     """Build and write `engine_path` (+ .json) from the ONNX of `precision` ('fp32', 'fp16' or 'int8')."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     trt, flavour = backend()
     plugin_note = _register_plugins(flavour) if plugins else None
     strongly_typed = flavour == "tensorrt_rtx" or _version(trt) >= STRONGLY_TYPED_SINCE
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt, flavour, strongly_typed))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    registered = plugins and flavour == "tensorrt" and plugin_note is None
+    if not _parse(parser, onnx_path, inline=not registered):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BuildFailed(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
@@ -113,6 +116,17 @@ def build_engine(onnx_path, engine_path, precision, imgsz, batch=1, dynamic=Fals
     atomic_write(Path(engine_path), bytes(serialized))
     atomic_write(Path(f"{engine_path}.json"), json.dumps({**(metadata or {}), "engine": info}, indent=2).encode())
     return info
+
+
+def _parse(parser, onnx_path, inline):
+    """Parse the file as is when our plugins are registered (they replace the yolo_attn nodes); otherwise with
+    the yolo_attn functions inlined per call site, so every layer has a unique, traceable name."""
+    if not inline:
+        return parser.parse_from_file(str(onnx_path))
+    proto = onnx.load(str(onnx_path))
+    if not proto.functions:
+        return parser.parse_from_file(str(onnx_path))
+    return parser.parse(plugins.inline_for_parser(proto).SerializeToString(), str(onnx_path))
 
 
 def _register_plugins(flavour):

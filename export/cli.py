@@ -89,6 +89,8 @@ def parser():
                         "ONNX to charge time to each block (0: no benchmark)")
     p.add_argument("--bench-rounds", type=int, default=DEFAULT_ROUNDS, metavar="R", help="benchmark rounds")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show everything the tools log (TensorRT's builder and parser below warning level)")
     return p
 
 
@@ -267,7 +269,7 @@ def _engine(args, report, loaded, imgsz, files, out):
     info = _stage("TensorRT build", lambda: build_engine(
         onnx_path, engine_path, precision=precision, imgsz=imgsz, batch=args.batch, dynamic=args.dynamic,
         workspace_gib=args.workspace, metadata=_engine_metadata(loaded, imgsz, args, precision),
-        plugins=args.plugins, fp32_layers=islands))
+        plugins=args.plugins, fp32_layers=islands, verbose=args.verbose))
     report["engine"], report["engine_build"] = str(engine_path), info
     _say(f"wrote {engine_path} ({info['backend']} {info['tensorrt_version']}, {info['build_s']} s) "
          f"and {engine_path.name}.json")

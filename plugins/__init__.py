@@ -37,6 +37,36 @@ def attach_functions(proto):
     return proto
 
 
+def inline_for_parser(proto):
+    """`proto` with every yolo_attn call replaced by its function body, each body node named after its call site
+    (`/model/model.10/StokenUnfold/Slice_13`). For a TensorRT parser with no plugin registered: it inlines the
+    functions itself but names body nodes after the body's own values, identical at every call (duplicate-name
+    warnings, untraceable layers). Each call gets its own copy of the body as an overload, which onnx's inliner
+    expands per call."""
+    import copy
+
+    from onnx.inliner import inline_local_functions
+
+    if not proto.functions:
+        return proto
+    proto = copy.deepcopy(proto)
+    bodies = {(f.domain, f.name): f for f in proto.functions}
+    per_call = []
+    for node in proto.graph.node:
+        body = bodies.get((node.domain, node.op_type))
+        if body is None:
+            continue
+        site = node.name or node.output[0]
+        call = copy.deepcopy(body)
+        call.overload = node.overload = site
+        for i, inner in enumerate(call.node):
+            inner.name = f"{site}/{inner.op_type}_{i}"
+        per_call.append(call)
+    del proto.functions[:]
+    proto.functions.extend(per_call)
+    return inline_local_functions(proto)
+
+
 def register_tensorrt():
     """Register the TensorRT plugins (tensorrt.plugin) when full TensorRT >= 10.7 is importable; else a reason."""
     try:

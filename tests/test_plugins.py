@@ -210,3 +210,41 @@ def test_plugin_twin_exports_custom_nodes_matching_plain_twin(name, tmp_path):
     profile.set_shape("x", (1, case.channels, 4, 4), (1, case.channels, 16, 16), (2, case.channels, 32, 32))
     config.add_optimization_profile(profile)
     assert builder.build_serialized_network(network, config) is not None
+
+
+def test_inlined_for_the_parser_every_call_has_its_own_named_body(tmp_path):
+    """Without registered plugins the parser inlines the functions: we inline first, naming each body node after
+    its call site, so the engine's layers are unique and traceable (no duplicate-name warnings)."""
+    from export.to_onnx import export_module
+    from tests.cases import CASES
+
+    twin = models.to_export(CASES["sta"].build())
+    plugins.apply(twin)
+    path = tmp_path / "plug.onnx"
+    proto = export_module(twin, torch.randn(1, CASES["sta"].channels, 16, 16), path)
+    inlined = plugins.inline_for_parser(proto)
+    assert not inlined.functions and not any(n.domain == DOMAIN for n in inlined.graph.node)
+    names = [n.name for n in inlined.graph.node]
+    assert all(names) and len(names) == len(set(names))
+    sites = [n.name for n in proto.graph.node if n.domain == DOMAIN]
+    assert len(sites) == 4 and all(any(name.startswith(site + "/") for name in names) for site in sites)
+    x = np.random.rand(1, CASES["sta"].channels, 16, 16).astype(np.float32)
+    inlined_path = tmp_path / "inlined.onnx"
+    inlined_path.write_bytes(inlined.SerializeToString())
+    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            for p in (path, inlined_path))
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_plugin_dynamic_fp16_build_is_quiet_and_verbose_on_request(tmp_path, capfd):
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX not installed (pip install '.[rtx]')")
+    args = ["--plugins", "--dynamic", "--engine", "fp16", "--no-parity"]
+    assert main([*args, "--out", str(tmp_path / "quiet")]) == 0
+    quiet = capfd.readouterr()
+    assert "already exists" not in quiet.out + quiet.err  # no duplicate node names from inlined functions
+    assert "[TRT] [V]" not in quiet.out + quiet.err and "[TRT] [I]" not in quiet.out + quiet.err
+    assert main([*args, "-v", "--out", str(tmp_path / "loud")]) == 0
+    loud = capfd.readouterr()
+    assert "[TRT] [V]" in loud.out + loud.err
+    assert "/model/model.10/StokenUnfold/" in loud.out + loud.err  # layers named after their call site
