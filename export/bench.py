@@ -32,9 +32,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import models
-from export.images import read_images, tile
+from export.images import parse_imgsz, read_images, tile
 from export.load import CheckpointError, from_yaml, load
-from export.parity import OrtRunner
+from export.parity import OrtRunner, onnx_metadata, onnx_precision
 from export.rewrite import rewrite
 from export.to_onnx import export_yolo, node_scope
 from models import fla
@@ -269,7 +269,7 @@ def run(args):
         raise CheckpointError("--batch, --rounds, --iterations and --threads must be >= 1, --warmup >= 0")
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    imgsz = _imgsz(args.imgsz)
+    imgsz = parse_imgsz(args.imgsz, 32)  # every YOLO stride divides 32
     images = tile(read_images(args.images, imgsz)[:1], args.batch)
     args.out.mkdir(parents=True, exist_ok=True)
     subjects = _subjects(args, imgsz, images)
@@ -295,16 +295,6 @@ def _key(name, precision):
     return f"{name} {precision}"
 
 
-def _imgsz(value):
-    try:
-        parts = [int(v) for v in str(value).split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) not in (1, 2) or min(parts) <= 0 or any(p % 32 for p in parts):
-        raise CheckpointError(f"--imgsz {value}: give N or H,W, positive multiples of 32")
-    return (parts * 2)[:2] if len(parts) == 1 else tuple(parts)
-
-
 def _subjects(args, imgsz, images):
     specs = [_spec(m) for m in args.models]
     checkpoints = {p: load(p) for _, p in specs if p.suffix not in (".onnx", ".yaml", ".yml")}
@@ -313,7 +303,7 @@ def _subjects(args, imgsz, images):
     for name, path in specs:
         if path.suffix == ".onnx":
             subject = subjects.setdefault(name or path.stem, Subject(name or path.stem, {}))
-            subject.files[_onnx_precision(path)] = path
+            subject.files[onnx_precision(onnx_metadata(path))] = path
             continue
         loaded = checkpoints.get(path) or from_yaml(path, nc)
         name = _unique(name or path.stem, subjects)
@@ -329,16 +319,6 @@ def _subjects(args, imgsz, images):
 def _spec(text):
     name, _, path = text.rpartition("=")
     return name or None, Path(path)
-
-
-def _onnx_precision(path):
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such ONNX file")
-    try:
-        meta = {e.key: e.value for e in onnx.load(str(path), load_external_data=False).metadata_props}
-    except Exception:  # a damaged or foreign file: one line, exit 2
-        raise CheckpointError(f"{path} is not a readable ONNX model") from None
-    return "int8" if "quantization" in meta else "fp16" if "'half': True" in meta.get("args", "") else "fp32"
 
 
 def _unique(name, taken):

@@ -28,7 +28,7 @@ from export.build import PRECISIONS, BuildFailed, BuildUnavailable, build_engine
 from export.lint import lint
 from export.lint import summary as lint_summary
 from export.load import CheckpointError, load
-from export.images import MAX_IMAGES, read_images, tile
+from export.images import MAX_IMAGES, parse_imgsz, read_images, tile
 from export.bench import DEFAULT_ROUNDS, DEFAULT_WARMUP, Fresh, block_costs, interleaved, module_costs, \
     profile_onnx, thread_settings
 from export.parity import MAX_PICTURED, OrtRunner, TorchRunner, TrtRunner, compare, engine_runtime, localize
@@ -398,16 +398,3 @@ def _bench(report, args, runners, images, onnx_path, imgsz):
         if r["kind"] == "attention":
             _say(f"  {r['module']} {r['type']}: {r['ms']:.2f} ms, {r['time_share']:.1%} of the time, "
                  f"{r['flop_share']:.1%} of the FLOPs")
-
-
-def parse_imgsz(value, stride):
-    try:
-        parts = [int(v) for v in str(value).strip("[]() ").replace(" ", "").split(",")] if not isinstance(value, (list, tuple)) \
-            else [int(v) for v in value]
-    except ValueError:
-        raise UsageError(f"--imgsz must be N or H,W (integers), got {value!r}") from None
-    h, w = (parts * 2)[:2] if len(parts) == 1 else parts[:2]
-    if len(parts) > 2 or h <= 0 or w <= 0 or h % stride or w % stride:
-        raise UsageError(f"--imgsz {value} must be one or two positive multiples of the model stride {stride} "
-                         f"(e.g. {max(stride, (h // stride) * stride)})")
-    return h, w

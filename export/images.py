@@ -38,3 +38,17 @@ def tile(images, batch):
     reps = -(-batch // len(images))
     images = torch.cat([images] * reps)
     return images[: len(images) - len(images) % batch].numpy()
+
+
+def parse_imgsz(value, stride):
+    """(h, w) from N or "H,W" (or a list), each a positive multiple of `stride`; bad values: exit 2, one line."""
+    try:
+        parts = [int(v) for v in str(value).strip("[]() ").replace(" ", "").split(",")] if not isinstance(value, (list, tuple)) \
+            else [int(v) for v in value]
+    except ValueError:
+        raise CheckpointError(f"--imgsz must be N or H,W (integers), got {value!r}") from None
+    h, w = (parts * 2)[:2] if len(parts) == 1 else parts[:2]
+    if len(parts) > 2 or h <= 0 or w <= 0 or h % stride or w % stride:
+        raise CheckpointError(f"--imgsz {value} must be one or two positive multiples of the model stride {stride} "
+                         f"(e.g. {max(stride, (h // stride) * stride)})")
+    return h, w

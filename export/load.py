@@ -229,7 +229,8 @@ def from_yaml(path, nc):
     from ultralytics.nn.tasks import DetectionModel
 
     path = Path(path)
-    spec = path if path.is_file() else models.CFG_DIR / path.name if (models.CFG_DIR / path.name).is_file() else path
+    ours = models.CFG_DIR / path.name
+    spec = ours if not path.is_file() and ours.is_file() else path  # else ultralytics resolves stock names
     try:
         model = DetectionModel(str(spec), nc=nc, verbose=False)
     except (Exception, SystemExit) as e:

@@ -18,7 +18,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from tqdm import tqdm
 from ultralytics.utils.metrics import ap_per_class, box_iou
 from ultralytics.utils.nms import non_max_suppression
 
@@ -303,10 +302,9 @@ def main(argv=None):
 
 
 def _standalone(args):
-    meta = _onnx_metadata(args.onnx)
+    meta = onnx_metadata(args.onnx)
     imgsz, batch = tuple(ast.literal_eval(meta.get("imgsz", "[640, 640]"))), int(meta.get("batch", 1))
-    precision = "int8" if "quantization" in meta else \
-        "fp16" if ast.literal_eval(meta.get("args", "{}")).get("half") else "fp32"
+    precision = onnx_precision(meta)
     loaded = load(args.weights)
     images = tile(read_images(args.images, imgsz), batch)
     runners, results = {"onnxruntime": OrtRunner(args.onnx)}, {}
@@ -328,7 +326,13 @@ def _standalone(args):
     return results
 
 
-def _onnx_metadata(path):
+def onnx_precision(meta):
+    """The precision of an ONNX file `python -m export` wrote, from its metadata."""
+    return "int8" if "quantization" in meta else \
+        "fp16" if ast.literal_eval(meta.get("args", "{}")).get("half") else "fp32"
+
+
+def onnx_metadata(path):
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: no such ONNX file; pass the .onnx that `python -m export` wrote")
     try:

@@ -273,13 +273,12 @@ def _plot_errors(ax_err, samples):
 
 
 def _plot_speed(ax_speed, speed):
-    if speed:
-        names = list(speed)
-        median = [speed[n]["median_ms"] for n in names]
-        spread = [[m - speed[n]["min_ms"] for n, m in zip(names, median)],
-                  [speed[n]["max_ms"] - m for n, m in zip(names, median)]]
-        ax_speed.bar(names, median, yerr=spread, capsize=4)
-        ax_speed.set(title="latency per call (median of round medians, bar: min to max)", ylabel="ms")
+    names = list(speed)
+    median = [speed[n]["median_ms"] for n in names]
+    spread = [[m - speed[n]["min_ms"] for n, m in zip(names, median)],
+              [speed[n]["max_ms"] - m for n, m in zip(names, median)]]
+    ax_speed.bar(names, median, yerr=spread, capsize=4)
+    ax_speed.set(title="latency per call (median of round medians, bar: min to max)", ylabel="ms")
 
 
 def _plot_detections(images, pictured, labels, names, path):
