@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
@@ -90,7 +91,8 @@ def parser():
     p.add_argument("--bench-rounds", type=int, default=DEFAULT_ROUNDS, metavar="R", help="benchmark rounds")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     p.add_argument("-v", "--verbose", action="store_true",
-                   help="show everything the tools log (TensorRT's builder and parser below warning level)")
+                   help="show everything the tools log below warning level: TensorRT's parser and builder, ONNX "
+                        "Runtime's sessions, onnxslim's passes")
     return p
 
 
@@ -105,11 +107,14 @@ def main(argv=None):
 
         return bench_main(argv[1:])
     args = parser().parse_args(argv)
+    ort.set_default_logger_severity(0 if args.verbose else 2)  # 2 (warnings) is ONNX Runtime's own default
     try:
         return run(args)
     except (CheckpointError, ExportFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    finally:
+        ort.set_default_logger_severity(2)  # process-wide: a caller (a test) running main again starts quiet
 
 
 def run(args):
@@ -138,7 +143,8 @@ def run(args):
     if args.plugins:
         report["plugins"] = _plugin_summary(onnx.load(str(files[plan.float_files[0]])), plugin_blocks)
         _say(f"plugins: {report['plugins']['nodes']} custom-op nodes in {plugin_blocks} blocks, backed by local "
-             f"functions {report['plugins']['functions']}")
+             f"functions {report['plugins']['functions']}" if plugin_blocks else
+             "plugins: no block of this model has a custom op (STA and S2 do); exported with standard ops")
     if calibration:
         files["int8"] = out / f"{args.weights.stem}_int8.onnx"
         report["int8"] = _int8(args, loaded.model, kind, files, calibration, imgsz, accuracy)
@@ -221,7 +227,7 @@ def _export_float(args, plan, twin, loaded, imgsz, out):
         path = out / f"{args.weights.stem}{'' if precision == 'fp32' else '_' + precision}.onnx"
         _stage("ONNX export", lambda: export_yolo(
             twin, loaded, path, imgsz, batch=args.batch, dynamic=args.dynamic, half=precision == "fp16",
-            opset=args.opset, simplify=not args.no_simplify))
+            opset=args.opset, simplify=not args.no_simplify, verbose=args.verbose))
         _say(f"wrote {path}")
         files[precision] = path
     return files

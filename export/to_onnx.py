@@ -24,7 +24,8 @@ MAX_IR_VERSION = 10
 
 
 def trace(module, example, opset=17, input_names=("x",), output_names=("y",), dynamic_axes=None):
-    """Trace `module` on `example` (a tensor or tuple) into a ModelProto (custom yolo_attn ops get their functions)."""
+    """Trace `module` on `example` (a tensor or tuple) into a ModelProto (custom yolo_attn ops get their functions;
+    runtime-shaped Reshapes are literal, see literal_reshapes)."""
 
     example = example if isinstance(example, tuple) else (example,)
     with tempfile.TemporaryDirectory() as tmp:
@@ -37,7 +38,9 @@ def trace(module, example, opset=17, input_names=("x",), output_names=("y",), dy
             torch.onnx.export(module, example, str(raw), dynamo=False, opset_version=opset,
                               input_names=list(input_names), output_names=list(output_names),
                               dynamic_axes=dynamic_axes, do_constant_folding=True)
-        return attach_functions(onnx.load(str(raw)))
+        proto = attach_functions(onnx.load(str(raw)))
+    literal_reshapes(proto)
+    return proto
 
 
 def node_scope(node_name):
@@ -72,8 +75,10 @@ class _Deployable(torch.nn.Module):
         return (y[0] if isinstance(y, (list, tuple)) else y).float()
 
 
-def export_yolo(twin, loaded, path, imgsz, batch=1, dynamic=False, half=False, opset=17, simplify=True):
-    """Export the rewritten model `twin` of checkpoint `loaded` to `path`; returns the ModelProto."""
+def export_yolo(twin, loaded, path, imgsz, batch=1, dynamic=False, half=False, opset=17, simplify=True,
+                verbose=False):
+    """Export the rewritten model `twin` of checkpoint `loaded` to `path`; returns the ModelProto.
+    `verbose`: onnxslim logs its passes (it logs errors only otherwise)."""
     kind = kinds.of(loaded)
     model = copy.deepcopy(twin).eval()
     model = model.half() if half else model.float()
@@ -87,9 +92,84 @@ def export_yolo(twin, loaded, path, imgsz, batch=1, dynamic=False, half=False, o
     if simplify:
         import onnxslim
 
-        proto = onnxslim.slim(proto)
+        proto = onnxslim.slim(proto, verbose=verbose)
     _set_metadata(proto, loaded, imgsz, batch, dynamic, half)
     return save(proto, path)
+
+
+# Ops that assemble a shape tensor element by element: a constant 0 inside one of them is a placeholder.
+_SHAPE_ASSEMBLY = {"Concat", "Unsqueeze", "Squeeze", "Cast", "Identity"}
+
+
+def literal_reshapes(proto):
+    """Mark Reshapes whose target shape is computed at run time from tensor sizes `allowzero=1` (in the graph and
+    in local functions); returns how many. torch's reshape sizes are literal, never ONNX's "0 copies the input
+    dimension" placeholder, so for these shapes allowzero=1 is the traced meaning (and the same result whenever
+    no size is 0). TensorRT's parser (>= 8.5, opset >= 14) maps allowzero=0 to zeroIsPlaceHolder and warns for
+    every runtime-shaped Reshape that a dimension "might or might not be zero". Shapes with a constant 0 among
+    their assembled elements keep the placeholder meaning; constant shapes are left as they are."""
+    marked = _literal_reshapes_in(proto.graph.node, {i.name: i for i in proto.graph.initializer}, proto.opset_import)
+    for function in proto.functions:
+        marked += _literal_reshapes_in(function.node, {}, function.opset_import)
+    return marked
+
+
+def _literal_reshapes_in(nodes, initializers, opset_import):
+    if next((o.version for o in opset_import if o.domain in ("", "ai.onnx")), 0) < 14:
+        return 0  # allowzero exists from opset 14
+    producer = {out: n for n in nodes for out in n.output}
+    marked = 0
+    for node in nodes:
+        if node.op_type == "Reshape" and node.domain in ("", "ai.onnx") and _runtime_sizes(node.input[1], producer,
+                                                                                          initializers):
+            for a in [a for a in node.attribute if a.name == "allowzero"]:
+                node.attribute.remove(a)
+            node.attribute.append(onnx.helper.make_attribute("allowzero", 1))
+            marked += 1
+    return marked
+
+
+def _runtime_sizes(name, producer, initializers):
+    """True when shape tensor `name` is assembled from pieces computed from tensor sizes (a Shape upstream) and
+    constants with no 0 element; False for a constant shape, a placeholder 0, or a piece from anywhere else."""
+    pieces, stack = [], [name]
+    while stack:
+        value = stack.pop()
+        node = producer.get(value)
+        if node is not None and node.op_type in _SHAPE_ASSEMBLY:
+            stack.extend(node.input if node.op_type == "Concat" else node.input[:1])  # not Unsqueeze's axes
+        else:
+            pieces.append(value)
+    constants = [_constant(p, producer, initializers) for p in pieces]
+    if any(c is not None and (c == 0).any() for c in constants):
+        return False
+    computed = [p for p, c in zip(pieces, constants) if c is None]
+    return bool(computed) and all(_from_sizes(p, producer) for p in computed)
+
+
+def _constant(name, producer, initializers):
+    from onnx import numpy_helper
+
+    if name in initializers:
+        return numpy_helper.to_array(initializers[name])
+    node = producer.get(name)
+    if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+        return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def _from_sizes(name, producer):
+    """Whether a Shape node lies upstream of `name`: the value is arithmetic on tensor sizes."""
+    seen, stack = set(), [name]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.output[0] in seen:
+            continue
+        if node.op_type == "Shape":
+            return True
+        seen.add(node.output[0])
+        stack.extend(node.input)
+    return False
 
 
 def _set_metadata(proto, loaded, imgsz, batch, dynamic, half):

@@ -8,7 +8,6 @@ linear-attention core in fp32.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 

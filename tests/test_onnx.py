@@ -64,3 +64,67 @@ def test_fp16_twin_onnx_keeps_fp32_islands_and_matches(name, tmp_path):
         expected = twin(x)
     # Different fp16 kernels (ORT vs torch CPU): measured <= 3.2e-3 of the output scale.
     assert np.isfinite(got).all() and rel_err(torch.from_numpy(got), expected) <= 1e-2
+
+
+def _allowzero(node):
+    return next((a.i for a in node.attribute if a.name == "allowzero"), 0)
+
+
+def _run(model, feeds):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def test_reshapes_computed_from_sizes_are_literal_others_keep_the_placeholder():
+    """Only a shape assembled from tensor sizes and nonzero constants becomes allowzero=1 (TensorRT otherwise warns
+    it "might or might not be zero"); a constant shape, one with a placeholder 0, or one fed by the user stays."""
+    from onnx import TensorProto, helper
+
+    from export.to_onnx import literal_reshapes
+
+    def ints(name, values):
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64,
+                                                                                  [len(values)], values))
+    nodes = [ints("zero", [0]), ints("two_three", [2, 3]), ints("zero_two", [0, 2]), ints("axes", [0]),
+             ints("flat", [-1, 6]), ints("i0", [0]), ints("i1", [1]), ints("two", [2]),
+             helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "i0"], ["n"]), helper.make_node("Gather", ["s", "i1"], ["c"]),
+             helper.make_node("Div", ["c", "two"], ["half"]),
+             helper.make_node("Concat", ["n", "two_three"], ["runtime"], axis=0),
+             helper.make_node("Concat", ["zero_two", "half"], ["placeholder"], axis=0),
+             helper.make_node("Reshape", ["x", "runtime"], ["a"], name="runtime"),
+             helper.make_node("Reshape", ["x", "placeholder"], ["b"], name="placeholder"),
+             helper.make_node("Reshape", ["x", "shape"], ["c_"], name="user"),
+             helper.make_node("Reshape", ["x", "flat"], ["d"], name="constant")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])
+    shape = helper.make_tensor_value_info("shape", TensorProto.INT64, [2])
+    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("a", "b", "c_", "d")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x, shape], outs), ir_version=MAX_IR_VERSION,
+                              opset_imports=[helper.make_opsetid("", 17)])
+    before = onnx.ModelProto.FromString(model.SerializeToString())
+    assert literal_reshapes(model) == 1
+    assert {n.name: _allowzero(n) for n in model.graph.node if n.op_type == "Reshape"} == {
+        "runtime": 1, "placeholder": 0, "user": 0, "constant": 0}
+    for n in (1, 3):
+        feeds = {"x": np.random.rand(n, 6).astype(np.float32), "shape": np.array([0, -1], np.int64)}
+        for got, want in zip(_run(model, feeds), _run(before, feeds)):
+            assert got.shape == want.shape and np.array_equal(got, want)
+
+
+def test_dynamic_sta_export_has_literal_reshapes_in_graph_and_functions_and_same_outputs(tmp_path):
+    import plugins
+
+    case = CASES["sta"]
+    twin = models.to_export(case.build())
+    plugins.apply(twin)
+    model = export_module(twin, torch.randn(1, case.channels, 16, 16), tmp_path / "sta.onnx", dynamic_axes=DYNAMIC)
+    reshapes = [n for n in model.graph.node if n.op_type == "Reshape"]
+    body_reshapes = [n for f in model.functions for n in f.node if n.op_type == "Reshape"]
+    assert body_reshapes and all(_allowzero(n) for n in body_reshapes)
+    assert sum(map(_allowzero, reshapes)) >= len(reshapes) // 2
+    placeholder = onnx.ModelProto.FromString(model.SerializeToString())
+    for n in [*placeholder.graph.node, *(n for f in placeholder.functions for n in f.node)]:
+        if n.op_type == "Reshape":
+            del n.attribute[:]
+    for size in ((16, 16), (24, 32)):
+        feeds = {"x": np.random.rand(2, case.channels, *size).astype(np.float32)}
+        assert np.array_equal(_run(model, feeds)[0], _run(placeholder, feeds)[0])

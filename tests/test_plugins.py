@@ -243,8 +243,11 @@ def test_plugin_dynamic_fp16_build_is_quiet_and_verbose_on_request(tmp_path, cap
     assert main([*args, "--out", str(tmp_path / "quiet")]) == 0
     quiet = capfd.readouterr()
     assert "already exists" not in quiet.out + quiet.err  # no duplicate node names from inlined functions
+    assert "zeroIsPlaceHolder" not in quiet.out + quiet.err  # runtime-shaped Reshapes are literal (allowzero=1)
+    assert "[TRT] [W]" not in quiet.out + quiet.err  # no warning left at all on the demo
     assert "[TRT] [V]" not in quiet.out + quiet.err and "[TRT] [I]" not in quiet.out + quiet.err
     assert main([*args, "-v", "--out", str(tmp_path / "loud")]) == 0
     loud = capfd.readouterr()
     assert "[TRT] [V]" in loud.out + loud.err
     assert "/model/model.10/StokenUnfold/" in loud.out + loud.err  # layers named after their call site
+    assert "onnxslim - DEBUG" in loud.err and "onnxslim" not in quiet.err  # so does onnxslim's
