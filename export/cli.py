@@ -34,8 +34,9 @@ from export.bench import DEFAULT_ROUNDS, DEFAULT_WARMUP, Fresh, block_costs, int
     profile_onnx, thread_settings
 from export.parity import MAX_PICTURED, OrtRunner, TorchRunner, TrtRunner, compare, engine_runtime, localize
 from export.report import write_report
-from export.rewrite import rewrite
-from export.to_onnx import export_yolo
+from export.rewrite import outermost_user_blocks, rewrite
+from export.user_code import pickled_name
+from export.to_onnx import export_yolo, node_scope
 from models import fla
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_PARITY_FAILED = 0, 2, 3, 4
@@ -57,6 +58,10 @@ def parser():
                                        "accuracy failed.")
     p.add_argument("--weights", type=Path, default=models.demo_checkpoint("sta"),
                    help="checkpoint to export (default: the shipped STA demo model)")
+    p.add_argument("--code", type=Path, action="append", default=[], metavar="DIR",
+                   help="opt-in: import the classes of unknown blocks from your fork's source under DIR (its root "
+                        "folder, e.g. the one holding ultralytics/nn/...) and export them as written; this runs that "
+                        "code (repeatable)")
     p.add_argument("--imgsz", default=None, help="N or H,W, multiples of the model stride (default: training imgsz)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dynamic", action="store_true", help="dynamic batch and spatial axes")
@@ -119,7 +124,7 @@ def main(argv=None):
 
 def run(args):
     plan = _plan(args)
-    loaded = load(args.weights)
+    loaded = load(args.weights, code=args.code)
     imgsz = parse_imgsz(args.imgsz if args.imgsz is not None else loaded.imgsz or 640, max(loaded.stride))
     images = read_images(args.images, imgsz)
     data = _labelled_data(args, plan)
@@ -131,7 +136,10 @@ def run(args):
          f"{loaded.nc} classes)" + (f"; remapped {len(loaded.remapped)} classes" if loaded.remapped else ""))
     for path, ours in loaded.remapped.items():
         _say(f"  {path} -> {ours}")
+    for qual, file in loaded.user_code.items():
+        _say(f"  --code: imported {qual.rpartition('.')[2]} from {file}")
     twin, checks = rewrite(loaded.model, imgsz, images=images[:1])
+    user_blocks = _as_written(twin, loaded)
     _check_excludes(twin, args.int8_exclude, kind)
     plugin_blocks = plugins.apply(twin) if args.plugins else 0
     for c in checks:
@@ -140,6 +148,8 @@ def run(args):
     out.mkdir(parents=True, exist_ok=True)
     files = _export_float(args, plan, twin, loaded, imgsz, out)
     report = _new_report(args, loaded, files, imgsz, plan, checks)
+    if user_blocks:
+        report["user_blocks"], report["user_code"] = user_blocks, loaded.user_code
     if args.plugins:
         report["plugins"] = _plugin_summary(onnx.load(str(files[plan.float_files[0]])), plugin_blocks)
         _say(f"plugins: {report['plugins']['nodes']} custom-op nodes in {plugin_blocks} blocks, backed by local "
@@ -167,6 +177,9 @@ def run(args):
     if args.bench:
         _bench(report, args, runners, batch_images[:args.batch], files[plan.primary], imgsz)
     return _finish(report, out)
+
+
+AS_WRITTEN = "no export twin: exported as written"
 
 
 @dataclass(frozen=True)
@@ -239,8 +252,9 @@ def _lint(report, files):
         findings = lint(onnx.load(str(path)), dynamic=report["dynamic"])
         _say(f"lint {path.name}: {lint_summary(findings)}")
         for f in findings:
+            block = node_scope(f["node"])  # the module whose node it is: which block to look at
             _say(f"  {f['severity']}: {f['message']} ({f['node']})")
-            report["lint"].append({**f, "onnx": precision})
+            report["lint"].append({**f, "onnx": precision, "block": block})
 
 
 def _int8(args, model, kind, files, calibration, imgsz, accuracy):
@@ -310,6 +324,17 @@ def _plugin_summary(proto, blocks):
     nodes = [n.op_type for n in proto.graph.node if n.domain == plugins.DOMAIN]
     return {"blocks": blocks, "nodes": len(nodes), "ops": {op: nodes.count(op) for op in sorted(set(nodes))},
             "functions": sorted(f.name for f in proto.functions)}
+
+
+def _as_written(twin, loaded):
+    """{module path: report entry} for the --code blocks, which have no export twin."""
+    blocks = {}
+    for name in outermost_user_blocks(twin):
+        cls = type(twin.get_submodule(name))
+        qual = pickled_name(cls)
+        blocks[name] = {"class": qual, "file": loaded.user_code.get(qual, ""), "export": AS_WRITTEN, "rewrites": []}
+        _say(f"  {name}: {cls.__name__}: {AS_WRITTEN}")
+    return blocks
 
 
 def _new_report(args, loaded, files, imgsz, plan, checks):

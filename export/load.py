@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from export import object_graph
+from export import object_graph, user_code
 from export.safe_pickle import Refused, UnpickleLog, unpickle
 from export.torch_zip import NotTorchZip, open_torch_zip
 
@@ -39,11 +39,15 @@ class CheckpointError(Exception):
     exit_code = EXIT_BAD_INPUT
 
 
+CODE_HINT = ("to export them as written, pass --code <your fork's root folder>: it imports those classes from your "
+             "fork's files (this runs your code; see the README's trust model)")
+
+
 class UnknownBlocksError(CheckpointError):
     def __init__(self, blocks):
         self.blocks = blocks  # "module.Class" -> [layer indices]
         listed = "; ".join(f"{cls} at layer {', '.join(map(str, idx))}" for cls, idx in blocks.items())
-        super().__init__(f"unknown custom block(s): {listed} — {FAMILY_HINT}")
+        super().__init__(f"unknown custom block(s): {listed} — {CODE_HINT}; or {FAMILY_HINT}")
 
 
 @dataclass
@@ -58,10 +62,12 @@ class LoadedCheckpoint:
     source: str  # "ema" or "model": which entry the weights came from
     saved_half: bool
     remapped: dict = field(default_factory=dict)  # fork class path -> our class path
+    user_code: dict = field(default_factory=dict)  # --code: pickled class path -> the fork file it was imported from
     kind: str = "ultralytics"  # or "yolov5": a YOLOv5-repository checkpoint (export.kinds)
 
 
-def load(path):
+def load(path, code=()):
+    """`code`: the --code folders, the user's opt-in to import unknown blocks' classes from their fork source."""
     path = Path(path)
     kind = _check_file(path)
     if kind != "zip":
@@ -69,6 +75,11 @@ def load(path):
     try:
         ckpt, log = read(path)
         model, source = _pick_model(ckpt, path)
+        imported = user_code.ImportedCode()
+        if log.unknown and code:
+            imported = _import_user_code(log, model, code)
+            ckpt, log = read(path, imported.classes)
+            model, source = _pick_model(ckpt, path)
         _refuse_unknowns(log, model)
         saved_half = next(model.parameters()).dtype == torch.float16
         names, stride = _names(model), _stride(model)
@@ -82,7 +93,7 @@ def load(path):
                               f"truncated or damaged, or not a YOLO checkpoint") from None
     return LoadedCheckpoint(model=model, path=path, names=names, nc=len(names), stride=stride,
                             task=_task(model), imgsz=_train_imgsz(ckpt), source=source, saved_half=saved_half,
-                            remapped=log.remapped, kind=log.kind)
+                            remapped=log.remapped, kind=log.kind, user_code=imported.sources())
 
 
 def _one_line(e):
@@ -120,10 +131,21 @@ def _check_file(path):
                           f"pass the best.pt that training wrote")
 
 
-def read(path):
+def _import_user_code(log, model, code):
+    """The unknown blocks' classes, imported from --code for a second read. Only placeholders inside the model
+    (blocks) are resolved, after the first read validated the whole file; any other unknown global is refused."""
+    _refuse_stray_unknowns(log, model)
+    try:
+        return user_code.resolve(object_graph.unknown_blocks(model), code)
+    except user_code.CodeError as e:
+        raise CheckpointError(f"--code: {e}") from None
+
+
+def read(path, user_classes=None):
     """(checkpoint, UnpickleLog): the file as the gated unpickler rebuilds it, validated as a whole, before
-    anything is cast, fused or run. Raises CheckpointError (bad archive) or Refused."""
-    log = UnpickleLog()
+    anything is cast, fused or run. Raises CheckpointError (bad archive) or Refused. `user_classes`: classes
+    --code imported for this run ({pickled "module.Name": class}), reconstructed like table classes."""
+    log = UnpickleLog(user_classes=dict(user_classes or {}))
     try:
         archive = open_torch_zip(path, path.stat().st_size)
     except NotTorchZip as e:
@@ -132,7 +154,7 @@ def read(path):
         raise CheckpointError(f"{path} is a truncated or corrupted zip archive; re-copy the checkpoint") from None
     with archive.archive:
         ckpt = unpickle(archive.pickle_bytes(), log, archive.storage)
-    object_graph.validate(ckpt)
+    object_graph.validate(ckpt, log.user_classes.values())
     return ckpt, log
 
 
@@ -154,11 +176,14 @@ def _refuse_unknowns(log, model):
     Runs before any method of the model is called: placeholders' contents are not validated."""
     if not log.unknown:
         return
-    blocks = object_graph.unknown_blocks(model)
-    stray = sorted(set(log.unknown) - set(blocks))
+    _refuse_stray_unknowns(log, model)
+    raise UnknownBlocksError(object_graph.unknown_blocks(model))
+
+
+def _refuse_stray_unknowns(log, model):
+    stray = sorted(set(log.unknown) - set(object_graph.unknown_blocks(model)))
     if stray:
         raise Refused(f"it references {', '.join(stray[:5])}, which is not an allowed global")
-    raise UnknownBlocksError(blocks)
 
 
 def _names(model):

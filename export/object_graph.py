@@ -37,10 +37,11 @@ class GraphReport:
     modules: list = field(default_factory=list)  # every module instance, table or placeholder
 
 
-def validate(root):
-    """Refuse (export.safe_pickle.Refused) unless `root` is inert data and allowlisted modules."""
+def validate(root, user_types=frozenset()):
+    """Refuse (export.safe_pickle.Refused) unless `root` is inert data and allowlisted modules (`user_types`: module
+    classes imported by --code for this run, checked as table modules are)."""
     report = GraphReport()
-    _Walk(report).run(root)
+    _Walk(report, frozenset(user_types)).run(root)
     for module in report.modules:
         _check_module_numbers(module)
     _check_module_paths(report.modules)
@@ -48,8 +49,8 @@ def validate(root):
 
 
 class _Walk:
-    def __init__(self, report):
-        self.report, self.seen, self.todo = report, set(), []
+    def __init__(self, report, user_types):
+        self.report, self.seen, self.todo, self.user_types = report, set(), [], user_types
 
     def run(self, root):
         self.todo.append((root, 0))
@@ -81,7 +82,8 @@ class _Walk:
             _check_numpy(obj)
         elif kind in (pathlib.PurePosixPath, pathlib.PureWindowsPath):
             pass
-        elif kind in TABLE_MODULE_TYPES or (kind in TABLE_PLAIN_TYPES and isinstance(obj, nn.Module)):
+        elif kind in TABLE_MODULE_TYPES or kind in self.user_types or (
+                kind in TABLE_PLAIN_TYPES and isinstance(obj, nn.Module)):
             self._module(obj, depth)
         elif kind in NAMESPACES or kind in TABLE_PLAIN_TYPES:
             self._attributes(obj, depth)

@@ -25,7 +25,7 @@ import models
 from export import kinds
 from export.images import read_images, tile
 from export.load import CheckpointError, load
-from export.rewrite import outermost_family_modules
+from export.rewrite import watched_blocks
 from export.to_onnx import trace
 from models import fla
 
@@ -238,9 +238,10 @@ def _run_all(runner, images, batch):
 
 # ---- localisation: which attention block diverges first ------------------------------------------------
 def localize(reference_model, twin, images, half, tmpdir, precision):
-    """Export the twin with every attention block's output as an extra ONNX output; name the first block whose
-    ONNX Runtime output diverges from the PyTorch reference's. Returns (name or None, per-block rel errors)."""
-    names = outermost_family_modules(reference_model)
+    """Export the twin with every block that is not stock ultralytics (attention families, --code blocks) as an
+    extra ONNX output; name the first whose ONNX Runtime output diverges from the PyTorch reference's.
+    Returns (name or None, per-block rel errors)."""
+    names = watched_blocks(reference_model)
     twin = copy.deepcopy(twin)
     probe = _BlockTap(twin.half() if half else twin.float(), names, half)
     proto = trace(probe, torch.from_numpy(images[:1]), input_names=["images"], output_names=["output0", *names])

@@ -63,8 +63,10 @@ def markdown(report):
               f"{m['max_abs']:.3g} | {m['rel']:.2g} | {m['note']} |" for m in report["modules"]] or ["| (none) |||||"]
     if "errors.png" in report.get("pictures", []):
         lines += ["", "![error per block](errors.png)"]
+    lines += _as_written_lines(report.get("user_blocks"))
     lines += ["", "## Lint (TensorRT's ONNX parser)", ""]
-    lines += [f"- **{f['severity']}** ({f.get('onnx', report['precision'])}) `{f['op'] or f['rule']}` {f['node']}: "
+    lines += [f"- **{f['severity']}** ({f.get('onnx', report['precision'])}) "
+              f"{'block `' + f['block'] + '`, ' if f.get('block') else ''}`{f['op'] or f['rule']}` {f['node']}: "
               f"{f['message']}" for f in report["lint"]] or ["Clean: nothing TensorRT rejects or runs badly."]
     lines += _int8_lines(report.get("int8")) + _accuracy_lines(report.get("accuracy"))
     lines += ["", "## Parity against PyTorch (the loaded reference model)", ""]
@@ -199,6 +201,20 @@ def bench_markdown(result):
 def _label(backend):
     base, _, precision = backend.partition("_")
     return BACKEND_LABEL.get(base, base) + (f" ({precision} file)" if precision else "")
+
+
+def _as_written_lines(blocks):
+    """The --code blocks: no export twin, exported as written; what the generic rewrites changed in each."""
+    if not blocks:
+        return []
+    lines = ["", "## Blocks exported as written (--code)", "",
+             "No export twin: each block below is your fork's code, exported as written, with only the generic "
+             "rewrites listed. Parity against PyTorch (and, when it fails, the per-block localisation) is what "
+             "proves them.", "", "| block | class | source file | generic rewrites |", "|---|---|---|---|"]
+    for name, b in blocks.items():
+        rewrites = "; ".join(f"{r['rewrite']}: {r['detail']}" for r in b["rewrites"]) or "none"
+        lines.append(f"| `{name}` | `{b['class']}` | `{b['file']}` | {rewrites} |")
+    return lines
 
 
 def _files(report):

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import models
+from export.user_code import is_user_class
 from models import fla, s2, sta
 
 
@@ -48,9 +49,23 @@ def rewrite(model, imgsz, images=None, seed=0):
 
 def outermost_family_modules(model):
     """Names of the family modules in model that no other family module contains."""
+    return _outermost(model, lambda m: type(m) in models.EXPORT_TWINS)
+
+
+def outermost_user_blocks(model):
+    """Names of the blocks imported with --code (no export twin: exported as written), outermost ones only."""
+    return _outermost(model, lambda m: is_user_class(type(m)))
+
+
+def watched_blocks(model):
+    """Every block that is not stock ultralytics: the attention families and the --code blocks, in model order."""
+    return _outermost(model, lambda m: type(m) in models.EXPORT_TWINS or is_user_class(type(m)))
+
+
+def _outermost(model, wanted):
     found = []
     for name, m in model.named_modules():
-        if type(m) in models.EXPORT_TWINS and not any(name.startswith(f + ".") for f in found):
+        if wanted(m) and not any(name.startswith(f + ".") for f in found):
             found.append(name)
     return found
 

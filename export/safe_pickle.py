@@ -524,6 +524,7 @@ class UnpickleLog:
     remapped: dict = field(default_factory=dict)  # "fork.path.Name" -> "models.family.Name"
     unknown: dict = field(default_factory=dict)  # "module.Name" -> placeholder class
     kind: str = "ultralytics"  # "yolov5" once a YOLOv5-repository class path is resolved
+    user_classes: dict = field(default_factory=dict)  # "module.Name" -> class imported by --code, this run only
 
     def placeholder(self, module, name):
         key = f"{module}.{name}"
@@ -548,6 +549,7 @@ class GatedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: every opc
         self._unbuilt = {}  # id -> (object, builder): instances created here and not yet BUILT
         self._work_left = WORK_PER_PICKLE_BYTE * len(data) + WORK_FLOOR
         self._instances = 0
+        self._user_types = frozenset(log.user_classes.values())
 
     def _charge(self, *objs):
         self._work_left -= sum(_cost(o) for o in objs)
@@ -574,6 +576,8 @@ class GatedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: every opc
             return Op(RECONSTRUCTOR, None)
         if module in ("torch", "torch.cuda") and name in STORAGE_DTYPES:
             return StorageType(name, STORAGE_DTYPES[name])
+        if qual in self.log.user_classes:  # resolved by export.user_code from the user's --code folder
+            return self.log.user_classes[qual]
         family = FAMILY_CLASSES.get(name)
         if family is not None and module.split(".")[0] not in LIBRARY_ROOTS:
             if qual != _qualname(family):
@@ -600,8 +604,8 @@ class GatedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: every opc
             cls, args = _table_new(*args), ()
         if isinstance(cls, Op):
             return self._call_op(cls, args, kwargs)
-        instantiable = isinstance(cls, type) and (
-            cls in TABLE_MODULE_TYPES or cls in TABLE_PLAIN_TYPES or issubclass(cls, Unknown))
+        instantiable = isinstance(cls, type) and (cls in TABLE_MODULE_TYPES or cls in TABLE_PLAIN_TYPES
+                                                  or issubclass(cls, Unknown) or cls in self._user_types)
         _require(instantiable and args == () and not kwargs,
                  f"the checkpoint asks to call {_describe(cls)}" + (" with arguments" if instantiable else ""))
         self._instances += 1

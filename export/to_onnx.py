@@ -45,9 +45,16 @@ def trace(module, example, opset=17, input_names=("x",), output_names=("y",), dy
 
 def node_scope(node_name):
     """The dotted module path of the calls enclosing an ONNX node ('' for nodes outside the model's modules).
-    torch names a node after the modules whose calls enclose it; the export wrapper adds the leading `model`."""
+    torch names a node after the modules whose calls enclose it; the export wrapper adds the leading `model`.
+    A child of a container scope is named by its path from the model root (`/model/model.21/model.21.1/Einsum`):
+    that component then replaces the path so far instead of extending it."""
     parts = node_name.split("/")[1:-1]  # '/model/model.10/qk/Gemm' -> ['model', 'model.10', 'qk']
-    return ".".join(parts[1:]) if parts[:1] == ["model"] else ""
+    if parts[:1] != ["model"]:
+        return ""
+    path = ""
+    for part in parts[1:]:
+        path = part if path and part.startswith(path + ".") else f"{path}.{part}" if path else part
+    return path
 
 
 def save(model, path):
