@@ -23,7 +23,7 @@ from calib.quantize import METHODS
 from calib.rules import blocks as int8_blocks
 from calib.rules import fp32_islands
 from calib.source import DEFAULT_N, calibration_files
-from export import kinds
+from export import generic, kinds
 from export.accuracy import LabelledMAP
 from export.build import PRECISIONS, BuildFailed, BuildUnavailable, build_engine
 from export.lint import lint
@@ -136,8 +136,9 @@ def run(args):
          f"{loaded.nc} classes)" + (f"; remapped {len(loaded.remapped)} classes" if loaded.remapped else ""))
     for path, ours in loaded.remapped.items():
         _say(f"  {path} -> {ours}")
-    for qual, file in loaded.user_code.items():
-        _say(f"  --code: imported {qual.rpartition('.')[2]} from {file}")
+    for file in dict.fromkeys(loaded.user_code.values()):
+        classes = ", ".join(q.rpartition(".")[2] for q, f in loaded.user_code.items() if f == file)
+        _say(f"  --code: imported {classes} from {file}")
     twin, checks = rewrite(loaded.model, imgsz, images=images[:1])
     user_blocks = _as_written(twin, loaded)
     _check_excludes(twin, args.int8_exclude, kind)
@@ -146,7 +147,7 @@ def run(args):
         _say(f"  {c.name}: {c.reference} -> {c.twin}, max abs diff {c.max_abs:.3g} ({c.rel:.2g} of scale)"
              + (f"; note: {c.note}" if c.note else ""))
     out.mkdir(parents=True, exist_ok=True)
-    files = _export_float(args, plan, twin, loaded, imgsz, out)
+    files = _export_float(args, plan, twin, loaded, imgsz, out, user_blocks)
     report = _new_report(args, loaded, files, imgsz, plan, checks)
     if user_blocks:
         report["user_blocks"], report["user_code"] = user_blocks, loaded.user_code
@@ -234,15 +235,23 @@ def _check_excludes(model, names, kind):
                              f"{example}")
 
 
-def _export_float(args, plan, twin, loaded, imgsz, out):
-    files = {}
+def _export_float(args, plan, twin, loaded, imgsz, out, user_blocks):
+    """Write the fp32 / fp16 ONNX files; the --code blocks go through the generic rewrites (recorded per block)."""
+    files, sources = {}, generic.block_source_files(twin, list(user_blocks))
     for precision in plan.float_files:
         path = out / f"{args.weights.stem}{'' if precision == 'fp32' else '_' + precision}.onnx"
-        _stage("ONNX export", lambda: export_yolo(
-            twin, loaded, path, imgsz, batch=args.batch, dynamic=args.dynamic, half=precision == "fp16",
-            opset=args.opset, simplify=not args.no_simplify, verbose=args.verbose))
+        log = {}
+        with generic.exportable_calls(twin, list(user_blocks)) as used:
+            _stage("ONNX export", lambda: export_yolo(
+                twin, loaded, path, imgsz, batch=args.batch, dynamic=args.dynamic, half=precision == "fp16",
+                opset=args.opset, simplify=not args.no_simplify, verbose=args.verbose, log=log))
         _say(f"wrote {path}")
         files[precision] = path
+        for block, records in generic.per_block(sources, used, log["tracer_warnings"], log["slice_writes"]).items():
+            for r in records:
+                if r not in user_blocks[block]["rewrites"]:
+                    user_blocks[block]["rewrites"].append(r)
+                    _say(f"  {block}: {r['rewrite']}: {r['detail']}")
     return files
 
 
@@ -404,7 +413,8 @@ def _parity(report, runners, images, plan, batch, twin, imgsz, to_v8_layout):
     if failed_float:
         precision = precisions[failed_float[0]]
         with tempfile.TemporaryDirectory() as tmp:
-            first, errors = localize(reference.model, twin, images, precision == "fp16", tmp, precision)
+            with generic.exportable_calls(twin, list(report.get("user_blocks", {}))):  # as the export traced them
+                first, errors = localize(reference.model, twin, images, precision == "fp16", tmp, precision)
         report["localization"] = {"backend": failed_float[0], "first_divergent_block": first, "block_errors": errors}
         _say(f"localization: first diverging block in ONNX Runtime: {first}")
 

@@ -17,27 +17,32 @@ import torch
 
 from export import kinds
 from export.files import atomic_write
+from export.generic import literal_slice_writes
 from plugins import attach_functions
 
 # onnx >= 1.23 stamps IR 14 by default; onnxruntime 1.31 reads at most 13. IR 10 covers opsets <= 21.
 MAX_IR_VERSION = 10
 
 
-def trace(module, example, opset=17, input_names=("x",), output_names=("y",), dynamic_axes=None):
+def trace(module, example, opset=17, input_names=("x",), output_names=("y",), dynamic_axes=None,
+          tracer_warnings=None):
     """Trace `module` on `example` (a tensor or tuple) into a ModelProto (custom yolo_attn ops get their functions;
-    runtime-shaped Reshapes are literal, see literal_reshapes)."""
+    runtime-shaped Reshapes are literal, see literal_reshapes). `tracer_warnings`: a list that receives the tracer's
+    warnings (Python numbers computed from tensors), which are otherwise dropped."""
 
     example = example if isinstance(example, tuple) else (example,)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        with warnings.catch_warnings(record=tracer_warnings is not None) as caught, torch.no_grad():
+            warnings.simplefilter("ignore" if tracer_warnings is None else "always", category=torch.jit.TracerWarning)
             warnings.simplefilter("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # Slice steps -1: harmless
             # The TorchScript-based exporter: the dynamo one needs onnxscript and gains nothing here.
             torch.onnx.export(module, example, str(raw), dynamo=False, opset_version=opset,
                               input_names=list(input_names), output_names=list(output_names),
                               dynamic_axes=dynamic_axes, do_constant_folding=True)
+        if tracer_warnings is not None:
+            tracer_warnings.extend(w for w in caught if issubclass(w.category, torch.jit.TracerWarning))
         proto = attach_functions(onnx.load(str(raw)))
     literal_reshapes(proto)
     return proto
@@ -83,9 +88,11 @@ class _Deployable(torch.nn.Module):
 
 
 def export_yolo(twin, loaded, path, imgsz, batch=1, dynamic=False, half=False, opset=17, simplify=True,
-                verbose=False):
+                verbose=False, log=None):
     """Export the rewritten model `twin` of checkpoint `loaded` to `path`; returns the ModelProto.
-    `verbose`: onnxslim logs its passes (it logs errors only otherwise)."""
+    `verbose`: onnxslim logs its passes (it logs errors only otherwise). `log`: a dict that receives the tracer's
+    warnings ("tracer_warnings") and the in-place slice writes made literal ("slice_writes": node names)."""
+    log = {} if log is None else log
     kind = kinds.of(loaded)
     model = copy.deepcopy(twin).eval()
     model = model.half() if half else model.float()
@@ -95,11 +102,13 @@ def export_yolo(twin, loaded, path, imgsz, batch=1, dynamic=False, half=False, o
     model = _Deployable(model, half)
     axes = {"images": {0: "batch", 2: "height", 3: "width"},
             "output0": {0: "batch", kind.anchors_axis: "anchors"}} if dynamic else None
-    proto = trace(model, torch.zeros(batch, 3, *imgsz), opset, ("images",), ("output0",), axes)
+    log["tracer_warnings"] = []
+    proto = trace(model, torch.zeros(batch, 3, *imgsz), opset, ("images",), ("output0",), axes, log["tracer_warnings"])
     if simplify:
         import onnxslim
 
         proto = onnxslim.slim(proto, verbose=verbose)
+    log["slice_writes"] = literal_slice_writes(proto)  # exact; needs the folded indices slim leaves at static sizes
     _set_metadata(proto, loaded, imgsz, batch, dynamic, half)
     return save(proto, path)
 

@@ -46,7 +46,7 @@ def test_with_code_the_classes_come_from_the_fork_files_under_private_names(fork
     loaded = load(ckpt, code=[root])
     assert set(loaded.user_code) == {f"{user_blocks.PACKAGE}.CBAMBlock.{n}" for n in
                                      ("CBAMBlock", "ChannelGate", "SpatialGate")} | {
-        f"{user_blocks.PACKAGE}.CoTBlock.CoTBlock", f"{user_blocks.PACKAGE}.EinsumAttention.EinsumAttention"}
+        f"{user_blocks.PACKAGE}.{n}.{n}" for n in ("CoTBlock", "EinsumAttention", "ShiftWrite")}
     block = loaded.model.model[18][1]
     assert type(block).__module__ == f"{PRIVATE_ROOT}.d0.{user_blocks.PACKAGE}.CoTBlock"
     assert user_blocks.PACKAGE not in sys.modules  # the fork path never shadows the installed ultralytics
@@ -64,14 +64,38 @@ def test_fork_checkpoint_exports_lints_and_passes_parity_fp32_and_fp16(fork, tmp
     console = capsys.readouterr().out
     assert "--code: imported CoTBlock from" in console and "no export twin: exported as written" in console
     report = json.loads((out / "report.json").read_text())
-    assert set(report["user_blocks"]) == {"model.15.1", "model.18.1", "model.21.1"}
-    assert all(b["export"] == "no export twin: exported as written" for b in report["user_blocks"].values())
+    blocks = report["user_blocks"]
+    assert set(blocks) == {"model.9.1", "model.15.1", "model.18.1", "model.21.1"}
+    assert all(b["export"] == "no export twin: exported as written" for b in blocks.values())
+    rewrites = {name: {r["rewrite"] for r in b["rewrites"]} for name, b in blocks.items()}
+    assert rewrites == {"model.9.1": {"shape-code", "slice-writes"}, "model.15.1": {"adaptive-pool"},
+                        "model.18.1": set(), "model.21.1": {"einsum-matmul"}}
+    assert report["lint"] == []  # no Einsum, no ScatterND, no fixed-kernel pooling left
     assert report["parity"]["onnxruntime"]["pass"] and report["parity"]["onnxruntime"]["precision"] == "fp16"
     assert main(["--weights", str(ckpt), "--code", str(root), "--out", str(tmp_path / "fp32")]) == 0
     fp32 = json.loads((tmp_path / "fp32" / "report.json").read_text())
     assert fp32["parity"]["onnxruntime"]["pass"] and fp32["parity"]["onnxruntime"]["precision"] == "fp32"
     assert "Blocks exported as written (--code)" in (out / "report.md").read_text()
     assert all("block" in f for f in report["lint"])  # findings name their block
+
+
+def test_localisation_watches_every_code_block(fork, tmp_path):
+    """When parity fails, every block that is not stock ultralytics gets its own ONNX output: --code blocks too."""
+    import numpy as np
+
+    from export import generic
+    from export.parity import localize
+    from export.rewrite import outermost_user_blocks, rewrite, watched_blocks
+
+    root, ckpt = fork
+    loaded = load(ckpt, code=[root])
+    twin, _ = rewrite(loaded.model, user_blocks.IMGSZ)
+    names = outermost_user_blocks(twin)
+    assert watched_blocks(loaded.model) == names == ["model.9.1", "model.15.1", "model.18.1", "model.21.1"]
+    images = np.random.default_rng(0).random((1, 3, user_blocks.IMGSZ, user_blocks.IMGSZ), dtype=np.float32)
+    with generic.exportable_calls(twin, names):
+        first, errors = localize(loaded.model, twin, images, False, tmp_path, "fp32")
+    assert first is None and set(errors) == set(names) and max(errors.values()) < 1e-5
 
 
 # ---- --code never executes anything but the named files under DIR ----------------------------------------

@@ -102,9 +102,28 @@ SOURCES = {
                 out = torch.einsum("bhdn,bhen,bhdm->bhem", k.softmax(3), v, q.softmax(2))
                 return x + self.proj(out.reshape(b, c, h, w))
     ''',
+    # Shift attention (S2-MLP style spatial shift): channel groups shifted one pixel right / left by in-place
+    # slice writes, then mixed by a 1x1 conv; the tutorial's square-grid side computed from the token count.
+    "ShiftWrite": '''
+        from torch import nn
+
+
+        class ShiftWrite(nn.Module):
+            def __init__(self, c):
+                super().__init__()
+                self.mix = nn.Conv2d(c, c, 1)
+
+            def forward(self, x):
+                g = x.shape[1] // 4
+                side = int((x.shape[2] * x.shape[3]) ** 0.5)  # shape code: fixed at the traced size
+                out = x.clone()
+                out[:, :g, :, 1:] = x[:, :g, :, :-1]
+                out[:, g:2 * g, :, :side - 1] = x[:, g:2 * g, :, 1:side]
+                return x + self.mix(out)
+    ''',
 }
-# Where each block goes: after the neck's P3, P4 and P5 outputs of yolov8n (64, 128, 256 channels).
-PLACEMENT = {15: ("CBAMBlock", 64), 18: ("CoTBlock", 128), 21: ("EinsumAttention", 256)}
+# Where each block goes: after SPPF and the neck's P3, P4 and P5 outputs of yolov8n (256, 64, 128, 256 channels).
+PLACEMENT = {9: ("ShiftWrite", 256), 15: ("CBAMBlock", 64), 18: ("CoTBlock", 128), 21: ("EinsumAttention", 256)}
 
 
 def write_fork(root, extra=None):
