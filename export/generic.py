@@ -44,6 +44,9 @@ def exportable_calls(model, block_names):
     if missing:
         raise ValueError(f"no such modules in the model: {missing}")
     used, running = [], []
+    if not block_names:  # nothing to rewrite: leave torch's functions alone
+        yield used
+        return
 
     def note(block, rewrite, detail):
         entry = {"block": block, "rewrite": rewrite, "detail": detail}
@@ -350,11 +353,11 @@ def literal_slice_writes(proto):
     replaced nodes. torch exports `x[:, 2:5] = y` as ScatterND with indices computed from sizes: run this after
     constant folding (onnxslim.slim at static sizes folds them). The result is bit-identical: only copies."""
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 13:
-        return []
     graph = proto.graph
+    if opset < 13 or not any(n.op_type == "ScatterND" for n in graph.node):
+        return []  # the common case: no slice write, no shape inference over the whole model
     shapes = _static_shapes(proto)
-    constants = _constant_tensors(graph)
+    constants = constant_tensors(graph.node, graph.initializer)
     replaced, indices, nodes = [], [], []
     for node in graph.node:
         box = _literal_box(node, shapes, constants)
@@ -385,10 +388,11 @@ def _static_shapes(proto):
     return shapes
 
 
-def _constant_tensors(graph):
-    """{name: TensorProto} of initializers and Constant nodes (converted to arrays only when read: weights are big)."""
-    tensors = {t.name: t for t in graph.initializer}
-    for node in graph.node:
+def constant_tensors(nodes, initializers=()):
+    """{name: TensorProto} of `initializers` and the Constant nodes among `nodes` (a graph's, or a local function's,
+    which has no initializers); converted to arrays only when read: weights are big."""
+    tensors = {t.name: t for t in initializers}
+    for node in nodes:
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
             tensors[node.output[0]] = node.attribute[0].t
     return tensors

@@ -17,7 +17,7 @@ import torch
 
 from export import kinds
 from export.files import atomic_write
-from export.generic import literal_slice_writes
+from export.generic import constant_tensors, literal_slice_writes
 from plugins import attach_functions
 
 # onnx >= 1.23 stamps IR 14 by default; onnxruntime 1.31 reads at most 13. IR 10 covers opsets <= 21.
@@ -124,9 +124,9 @@ def literal_reshapes(proto):
     no size is 0). TensorRT's parser (>= 8.5, opset >= 14) maps allowzero=0 to zeroIsPlaceHolder and warns for
     every runtime-shaped Reshape that a dimension "might or might not be zero". Shapes with a constant 0 among
     their assembled elements keep the placeholder meaning; constant shapes are left as they are."""
-    marked = _literal_reshapes_in(proto.graph.node, {i.name: i for i in proto.graph.initializer}, proto.opset_import)
+    marked = _literal_reshapes_in(proto.graph.node, proto.graph.initializer, proto.opset_import)
     for function in proto.functions:
-        marked += _literal_reshapes_in(function.node, {}, function.opset_import)
+        marked += _literal_reshapes_in(function.node, (), function.opset_import)
     return marked
 
 
@@ -134,10 +134,11 @@ def _literal_reshapes_in(nodes, initializers, opset_import):
     if next((o.version for o in opset_import if o.domain in ("", "ai.onnx")), 0) < 14:
         return 0  # allowzero exists from opset 14
     producer = {out: n for n in nodes for out in n.output}
+    constants = constant_tensors(nodes, initializers)
     marked = 0
     for node in nodes:
         if node.op_type == "Reshape" and node.domain in ("", "ai.onnx") and _runtime_sizes(node.input[1], producer,
-                                                                                          initializers):
+                                                                                          constants):
             for a in [a for a in node.attribute if a.name == "allowzero"]:
                 node.attribute.remove(a)
             node.attribute.append(onnx.helper.make_attribute("allowzero", 1))
@@ -145,7 +146,7 @@ def _literal_reshapes_in(nodes, initializers, opset_import):
     return marked
 
 
-def _runtime_sizes(name, producer, initializers):
+def _runtime_sizes(name, producer, constants):
     """True when shape tensor `name` is assembled from pieces computed from tensor sizes (a Shape upstream) and
     constants with no 0 element; False for a constant shape, a placeholder 0, or a piece from anywhere else."""
     pieces, stack = [], [name]
@@ -156,22 +157,10 @@ def _runtime_sizes(name, producer, initializers):
             stack.extend(node.input if node.op_type == "Concat" else node.input[:1])  # not Unsqueeze's axes
         else:
             pieces.append(value)
-    constants = [_constant(p, producer, initializers) for p in pieces]
-    if any(c is not None and (c == 0).any() for c in constants):
+    if any(p in constants and (onnx.numpy_helper.to_array(constants[p]) == 0).any() for p in pieces):
         return False
-    computed = [p for p, c in zip(pieces, constants) if c is None]
+    computed = [p for p in pieces if p not in constants]
     return bool(computed) and all(_from_sizes(p, producer) for p in computed)
-
-
-def _constant(name, producer, initializers):
-    from onnx import numpy_helper
-
-    if name in initializers:
-        return numpy_helper.to_array(initializers[name])
-    node = producer.get(name)
-    if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-        return numpy_helper.to_array(node.attribute[0].t)
-    return None
 
 
 def _from_sizes(name, producer):

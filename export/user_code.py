@@ -84,7 +84,7 @@ def _load(module, path, root, index):
     private = f"{PRIVATE_ROOT}.d{index}.{module}"
     if private in sys.modules:
         return sys.modules[private]
-    _stand_in_packages(private, root, module.split(".")[:-1], index)
+    _stand_in_packages(root, module.split(".")[:-1], index)
     spec = importlib.util.spec_from_file_location(private, path, submodule_search_locations=(
         [str(path.parent)] if path.name == "__init__.py" else None))
     namespace = importlib.util.module_from_spec(spec)
@@ -98,15 +98,15 @@ def _load(module, path, root, index):
     return namespace
 
 
-def _stand_in_packages(private, root, package_parts, index):
+def _stand_in_packages(root, package_parts, index):
     """Empty parent packages whose __path__ is the fork's folder: relative imports find sibling files under
     DIR, and no fork __init__.py runs."""
-    name, folder = f"{PRIVATE_ROOT}.d{index}", root
-    for part in ["", *package_parts]:
-        if part:
-            name, folder = f"{name}.{part}", folder / part
-        for level in ([PRIVATE_ROOT] if not part and PRIVATE_ROOT not in sys.modules else []) + [name]:
-            if level not in sys.modules:
-                package = types.ModuleType(level)
-                package.__path__ = [str(folder)] if level == name else []
-                sys.modules[level] = package
+    base = f"{PRIVATE_ROOT}.d{index}"
+    depths = range(1, len(package_parts) + 1)
+    levels = [(PRIVATE_ROOT, None), (base, root)] + [
+        (".".join([base, *package_parts[:i]]), root.joinpath(*package_parts[:i])) for i in depths]
+    for name, folder in levels:
+        if name not in sys.modules:
+            package = types.ModuleType(name)
+            package.__path__ = [str(folder)] if folder else []
+            sys.modules[name] = package
