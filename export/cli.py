@@ -5,6 +5,7 @@ Exit codes: 0 ok, 2 bad input, 3 export or build failed, 4 parity or int8 accura
 
 import argparse
 import functools
+import statistics
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from export.lint import summary as lint_summary
 from export.load import CheckpointError, load
 from export.images import MAX_IMAGES, parse_imgsz, read_images, tile
 from export.bench import DEFAULT_ROUNDS, DEFAULT_WARMUP, Fresh, block_costs, interleaved, module_costs, \
-    profile_onnx, thread_settings
+    paired_ratios, profile_onnx, thread_settings
 from export.parity import MAX_PICTURED, OrtRunner, TorchRunner, TrtRunner, compare, engine_runtime, localize
 from export.report import write_report
 from export.rewrite import outermost_user_blocks, rewrite
@@ -426,9 +427,9 @@ def _bench(report, args, runners, images, onnx_path, imgsz):
     report["speed"] = interleaved(timed, images, args.bench, args.bench_rounds)
     report["bench"] = {"threads": thread_settings(torch.get_num_threads()), "rounds": args.bench_rounds,
                        "iterations_per_round": args.bench, "warmup": DEFAULT_WARMUP, "batch": len(images)}
-    base = report["speed"]["torch"]["median_ms"]
+    base = report["speed"]["torch"]
     for backend, s in report["speed"].items():
-        s["speedup_vs_torch"] = base / s["median_ms"]
+        s["speedup_vs_torch"] = statistics.median(1 / r for r in paired_ratios(s, base))  # per round, then median
         _say(f"speed {backend}: median {s['median_ms']:.2f} ms (rounds {s['min_ms']:.2f}-{s['max_ms']:.2f}), "
              f"{s['images_per_s']:.1f} images/s, {s['speedup_vs_torch']:.2f}x PyTorch eager")
     reference = runners["reference"].model

@@ -135,7 +135,8 @@ def _deciding(r):
 def _bench_setting(b):
     t = b["threads"]
     return (f"{b['rounds']} interleaved rounds of {b['iterations_per_round']} calls after {b['warmup']} warm-up "
-            f"calls; per backend the median of each round, then min / median / max across rounds; threads: "
+            f"calls; per backend the median of each round, then min / median / max across rounds; vs PyTorch eager: "
+            f"per round, then the median; threads: "
             f"onnxruntime {t['onnxruntime_intra_op_threads']}, torch {t['torch_threads']}, {t['cpu_count']} CPUs")
 
 
@@ -171,19 +172,21 @@ def bench_markdown(result):
     lines = [f"# Benchmark: ONNX Runtime CPU, {result['imgsz'][0]}x{result['imgsz'][1]}, batch {result['batch']}", "",
              f"- {result['rounds']} interleaved rounds of {result['iterations_per_round']} calls per model after "
              f"{result['warmup']} warm-up calls; per model the median of each round, then min / median / max across "
-             f"rounds. Over-first ratios use the min of the round medians.",
+             f"rounds. Time over first is paired: each round's median over the first model's median in the same round, "
+             f"median across rounds (IQR beside it); the min- and median-based ratios are in bench.json.",
              f"- Threads: onnxruntime {t['onnxruntime_intra_op_threads']}, torch {t['torch_threads']}, "
              f"{t['cpu_count']} CPUs. Input: {result['input']}.",
              "- FLOPs: convolutions and matmuls of each reference model (torch FlopCounterMode). Bound: time over "
              "first <= max(1.5 x FLOPs over first, FLOPs over first + 2 points).", "",
-             "| model | precision | min ms | median ms | max ms | time over first | GFLOPs | FLOPs over first | bound "
-             "| within |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | precision | min ms | median ms | max ms | time over first (IQR of rounds) | GFLOPs | FLOPs over "
+             "first | bound | within |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         flops = f"{r['flops'] / 1e9:.2f}" if r["flops"] else "n/a"
         bound = (f"{r['flops_over_first']:+.1%} | {r['time_bound']:.1%} | "
                  f"{'yes' if r['within_bound'] else '**no**'}") if "flops_over_first" in r else "n/a | | "
         lines.append(f"| {r['model']} | {r['precision']} | {r['min_ms']:.2f} | {r['median_ms']:.2f} | "
-                     f"{r['max_ms']:.2f} | {r['time_over_first']:+.1%} | {flops} | {bound} |")
+                     f"{r['max_ms']:.2f} | {r['time_over_first']:+.1%} ({r['time_over_first_iqr'][0]:+.1%} .. "
+                     f"{r['time_over_first_iqr'][1]:+.1%}) | {flops} | {bound} |")
     lines += ["", "## Where the time goes (fp32, ONNX Runtime profile)", "",
               "| model | attention blocks | their ms | share of time | share of FLOPs | share of params |",
               "|---|---|---|---|---|---|"]
@@ -408,6 +411,6 @@ def _plot_bench(result, path):
            label="FLOPs over first")
     ax.set_xticks(list(x), [f"{r['model']}\n{r['precision']}" for r in rows], fontsize=8)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set(ylabel="% over the first model", title="ONNX Runtime CPU, min of round medians")
+    ax.set(ylabel="% over the first model", title="ONNX Runtime CPU, paired per-round ratios (median)")
     ax.legend()
     _save(fig, path)

@@ -179,7 +179,8 @@ class FocusedLinearAttentionExport(FocusedLinearAttention):
         den = k.sum(dim=-1, keepdim=True).transpose(-2, -1) @ q + 1e-6  # (B, heads, 1, N)
         out = ((_heads(v.float(), heads) @ k.transpose(-2, -1)) @ q) / den  # (kᵀv)ᵀ q, channel-major
         vmap = v if self.sr_ratio == 1 else F.interpolate(v.flatten(2), size=H * W, mode="linear")
-        out = out.to(dtype).reshape(B, C, H, W) + self._dwc_heads(vmap.reshape(B, C, H, W))
+        # cast after the reshape: ONNX Runtime then drops the fp16 round trip into its fp32 Add (a Cast pair per block)
+        out = out.reshape(B, C, H, W).to(dtype) + self._dwc_heads(vmap.reshape(B, C, H, W))
         return self.proj_drop(_conv1x1(out, self.proj))
 
     def _qkv(self, x, inv_scale):

@@ -1,6 +1,7 @@
 """The benchmark's structure (rounds, stats, interleaving) and the per-block attribution. No timing asserts."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +54,24 @@ def test_latency_stats():
     s = bench.latency_stats([3.0, 1.0, 2.0, 10.0, 4.0], iterations=7, batch=2)
     assert (s["min_ms"], s["median_ms"], s["max_ms"]) == (1.0, 3.0, 10.0)
     assert s["images_per_s"] == pytest.approx(2 * 1000 / 3.0) and s["rounds"] == 5
+
+
+def test_time_over_first_pairs_rounds():
+    """A machine that drifts between rounds moves both models alike: the paired ratio sees the 10% the model costs,
+    the min-based ratio sees the drift (one lucky round of the base)."""
+    base = [10.0, 20.0, 10.0, 20.0, 9.0]
+    rows = [{"model": "plain", "precision": "fp32", "flops": 100, **bench.latency_stats(base, 1, 1)},
+            {"model": "fla", "precision": "fp32", "flops": 103, **bench.latency_stats([11.0, 22.0, 11.0, 22.0, 12.0], 1, 1)},
+            {"model": "plain", "precision": "fp16", "flops": None, **bench.latency_stats([5.0], 1, 1)}]
+    bench._relative_to_first(rows)
+    plain, fla, half = rows
+    assert plain["time_over_first"] == 0 and plain["time_over_first_iqr"] == [0, 0] and plain["within_bound"]
+    assert fla["time_over_first"] == pytest.approx(0.10)
+    assert fla["time_over_first_rounds"] == pytest.approx([0.1, 0.1, 0.1, 0.1, 1 / 3], abs=1e-4)
+    assert fla["time_over_first_iqr"] == pytest.approx([0.1, 0.1])
+    assert fla["min_over_first"] == pytest.approx(11 / 9 - 1) and fla["median_over_first"] == pytest.approx(0.2)
+    assert fla["time_bound"] == pytest.approx(0.05) and not fla["within_bound"]
+    assert half["time_over_first"] == 0 and "flops_over_first" not in half
 
 
 def test_module_costs_counts_conv_flops_and_params():
@@ -137,3 +156,19 @@ def test_from_yaml_builds_stock_and_our_architectures():
     assert from_yaml("yolov8n.yaml", 3).nc == 3
     fla_model = from_yaml("yolov8-fla.yaml", 3).model
     assert bench.attention_blocks(fla_model) == [f"model.{i}.m.0.FLA" for i in (12, 15, 18, 21)]
+
+
+def test_fla_floor_tool_keeps_the_convolutions_and_drops_the_attention(tmp_path):
+    import importlib.util
+
+    import onnx
+
+    spec = importlib.util.spec_from_file_location("fla_floor", Path(__file__).resolve().parents[1] / "tools" / "fla_floor.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.main(["--out", str(tmp_path), "--imgsz", "64"])
+    for name in ("yolov8n-fla-floor.onnx", "yolov8n-fla-floor_fp16.onnx"):
+        nodes = [n for n in onnx.load(tmp_path / name).graph.node if "/FLA/" in n.name]
+        ops = {n.op_type for n in nodes}
+        assert sum(n.op_type == "Conv" for n in nodes) == 4 * 5  # q, k, v, dwc, proj in each of the 4 blocks
+        assert not ops & {"MatMul", "Pow", "ReduceL2", "Div"}, ops
