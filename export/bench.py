@@ -217,6 +217,11 @@ def block_costs(profile, costs, model):
             "total_params": total["params"], "profiled_runs": profile["runs"]}
 
 
+def where_time_goes(onnx_path, images, threads, reference, costs):
+    """block_costs of `onnx_path` profiled on `images`, against the FLOPs and params `costs` of `reference`."""
+    return block_costs(profile_onnx(onnx_path, images, threads), costs, reference)
+
+
 # ---- python -m export bench: several models side by side, one run ---------------------------------------
 @dataclass
 class Subject:
@@ -279,7 +284,7 @@ def run(args):
     rows = []
     for s in subjects:
         costs = module_costs(s.reference, imgsz, args.batch) if s.reference is not None else None
-        blocks = block_costs(profile_onnx(s.files["fp32"], images, threads), costs, s.reference) \
+        blocks = where_time_goes(s.files["fp32"], images, threads, s.reference, costs) \
             if costs and "fp32" in s.files else None
         for precision in sorted(s.files, key=("fp32", "fp16", "int8").index):
             rows.append({"model": s.name, "precision": precision, "onnx": str(s.files[precision]),

@@ -31,8 +31,8 @@ from export.lint import lint
 from export.lint import summary as lint_summary
 from export.load import CheckpointError, load
 from export.images import MAX_IMAGES, parse_imgsz, read_images, tile
-from export.bench import DEFAULT_ROUNDS, DEFAULT_WARMUP, Fresh, block_costs, interleaved, module_costs, \
-    paired_ratios, profile_onnx, thread_settings
+from export.bench import DEFAULT_ROUNDS, DEFAULT_WARMUP, Fresh, interleaved, module_costs, paired_ratios, \
+    thread_settings, where_time_goes
 from export.parity import MAX_PICTURED, OrtRunner, TorchRunner, TrtRunner, compare, engine_runtime, localize
 from export.report import write_report
 from export.rewrite import outermost_user_blocks, rewrite
@@ -429,12 +429,12 @@ def _bench(report, args, runners, images, onnx_path, imgsz):
                        "iterations_per_round": args.bench, "warmup": DEFAULT_WARMUP, "batch": len(images)}
     base = report["speed"]["torch"]
     for backend, s in report["speed"].items():
-        s["speedup_vs_torch"] = statistics.median(1 / r for r in paired_ratios(s, base))  # per round, then median
+        s["speedup_vs_torch"] = statistics.median(paired_ratios(base, s))  # per round, then the median
         _say(f"speed {backend}: median {s['median_ms']:.2f} ms (rounds {s['min_ms']:.2f}-{s['max_ms']:.2f}), "
              f"{s['images_per_s']:.1f} images/s, {s['speedup_vs_torch']:.2f}x PyTorch eager")
     reference = runners["reference"].model
-    blocks = block_costs(profile_onnx(onnx_path, images, torch.get_num_threads()),
-                         module_costs(reference, imgsz, len(images)), reference)
+    blocks = where_time_goes(onnx_path, images, torch.get_num_threads(), reference,
+                             module_costs(reference, imgsz, len(images)))
     report["blocks"] = {"onnx": onnx_path.name, **blocks}
     for r in blocks["rows"]:
         if r["kind"] == "attention":

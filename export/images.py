@@ -50,5 +50,5 @@ def parse_imgsz(value, stride):
     h, w = (parts * 2)[:2] if len(parts) == 1 else parts[:2]
     if len(parts) > 2 or h <= 0 or w <= 0 or h % stride or w % stride:
         raise CheckpointError(f"--imgsz {value} must be one or two positive multiples of the model stride {stride} "
-                         f"(e.g. {max(stride, (h // stride) * stride)})")
+                              f"(e.g. {max(stride, (h // stride) * stride)})")
     return h, w

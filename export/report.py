@@ -406,7 +406,10 @@ def _plot_bench(result, path):
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) + 2), 4))
     x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [100 * r["time_over_first"] for r in rows], width=0.4, label="time over first")
+    iqr = [[100 * (r["time_over_first"] - r["time_over_first_iqr"][0]) for r in rows],
+           [100 * (r["time_over_first_iqr"][1] - r["time_over_first"]) for r in rows]]
+    ax.bar([i - 0.2 for i in x], [100 * r["time_over_first"] for r in rows], width=0.4, yerr=iqr, capsize=3,
+           label="time over first (bar: IQR of rounds)")
     ax.bar([i + 0.2 for i in x], [100 * r.get("flops_over_first", 0) for r in rows], width=0.4,
            label="FLOPs over first")
     ax.set_xticks(list(x), [f"{r['model']}\n{r['precision']}" for r in rows], fontsize=8)

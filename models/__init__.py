@@ -40,10 +40,6 @@ def family_of(module):
     return None
 
 
-# Stock yolov8n trained the same way as the demos: the baseline of the speed table (README, `python -m export bench`).
-BASELINE_DEMO = DEMO_DIR / "yolov8n-plain.pt"
-
-
 def demo_checkpoint(family="sta"):
     """Path of the shipped demo checkpoint trained with `family` (fla, mlla, sta, s2)."""
     if family not in FAMILIES:

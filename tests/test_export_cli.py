@@ -93,6 +93,9 @@ def test_bench_and_standalone_parity(tmp_path):
     assert {"torch", "onnxruntime"} <= set(speed)
     assert all(len(s["round_medians_ms"]) == 2 and s["min_ms"] <= s["median_ms"] <= s["max_ms"] for s in speed.values())
     assert report["bench"]["threads"]["onnxruntime_intra_op_threads"] >= 1 and report["bench"]["batch"] == 2
+    torch_rounds, ort_rounds = speed["torch"]["round_medians_ms"], speed["onnxruntime"]["round_medians_ms"]
+    paired = sorted(t / o for t, o in zip(torch_rounds, ort_rounds))  # per round: the same round's two medians
+    assert speed["onnxruntime"]["speedup_vs_torch"] == pytest.approx(sum(paired) / 2)  # median of two rounds
     attention = [r for r in report["blocks"]["rows"] if r["kind"] == "attention"]
     assert attention and all(r["ms"] > 0 and 0 < r["flop_share"] < 1 for r in attention)
     md = (tmp_path / "report.md").read_text()
