@@ -44,6 +44,19 @@ def test_every_family_class_has_an_export_twin_or_is_export_clean():
         assert issubclass(twin, ref) and twin.forward is not ref.forward
 
 
+def test_fla_twin_matches_reference_on_dead_tokens():
+    """Tokens whose q and k are negative in every channel before the ReLU: the focusing then runs on the
+    1e-6 / scale floor alone, where only the per-channel eps decides the output (a uniform eps is off by 5e-2)."""
+    ref = CASES["fla"].build()
+    with torch.no_grad():
+        for bias in (ref.q.bias, ref.kv.bias[: ref.dim]):
+            bias.copy_(-bias.abs() - 0.1)
+    x = torch.randn(3, 32, 16, 16) * 3
+    x[..., 8:] = 0  # right half: pre-activations are the (negative) biases
+    with torch.no_grad():
+        assert rel_err(models.to_export(ref)(x), ref(x)) <= 1e-5
+
+
 def test_mllattention_is_upstream_block_at_training_size():
     """The NCHW adapter equals upstream's token MLLABlock (stored RoPE table) when H x W is the training size."""
     adapter = CASES["mlla"].build()
