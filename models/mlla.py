@@ -200,7 +200,8 @@ class MLLAttentionExport(MLLAttention):
 
 def _rope_factors(h, w, c, device):
     """(1, N, 2C) cos and signed sin for rotating channel pairs of stacked q and k: pair (2j, 2j+1) becomes
-    (e cos - o sin, e sin + o cos) = t * cos + swap(t) * (-sin, sin). Constants at export (H, W are fixed)."""
+    (e cos - o sin, e sin + o cos) = t * cos + swap(t) * (-sin, sin). Built in the graph from H and W;
+    a static-size export folds them to constants."""
     angles = rope_angles(h, w, c, device=device).reshape(1, h * w, c // 2)
     cos, sin = torch.cos(angles), torch.sin(angles)
     cos, sin = torch.stack([cos, cos], dim=-1).flatten(-2), torch.stack([-sin, sin], dim=-1).flatten(-2)
