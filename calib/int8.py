@@ -18,7 +18,7 @@ import onnx
 
 from calib.quantize import Quantizer, qdq_summary
 from calib.rules import blocks, float_nodes
-from export.to_onnx import save
+from export.graph.to_onnx import save
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Int8Job:
     fp32_path: Path
     out_path: Path
     model: object  # the export-twin model (its module paths name the blocks)
-    kind: object  # export.kinds.Kind
+    kind: object  # export.checkpoint.kinds.Kind
     files: list  # calibration images
     source: str  # where they came from, for the report
     imgsz: tuple

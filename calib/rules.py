@@ -6,7 +6,7 @@ every such node goes int8. Inside them, only the block's own rule decides:
 - an attention block (models/<family>.py `INT8_LAYERS`): the weighted Conv/Gemm/MatMul of the listed
   layers go int8; its softmaxes, sums, normalizers, powers, RoPE and activation-by-activation
   matmuls stay float;
-- the detection head (export.kinds `head_int8_layers`): the branch convs go int8; DFL, sigmoid and
+- the detection head (export.checkpoint.kinds `head_int8_layers`): the branch convs go int8; DFL, sigmoid and
   the box decode stay float;
 - a block named by --int8-exclude, or chosen by the sensitivity fallback: all float.
 Nodes are matched to blocks by their ONNX scope: torch names a node `/model/model.10/qk/Gemm`
@@ -16,9 +16,9 @@ after the modules whose calls enclose it, which we read as the dotted path `mode
 from dataclasses import dataclass
 
 import models
-from export import kinds
-from export.rewrite import outermost_family_modules
-from export.to_onnx import node_scope as scope
+from export.checkpoint import kinds
+from export.graph.rewrite import outermost_family_modules
+from export.graph.onnx_passes import node_scope as scope
 
 QUANT_OPS = ("Conv", "Gemm", "MatMul", "Add")
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")

@@ -3,7 +3,7 @@
 Source: --calib DIR (images, searched recursively), else the train split of --data. At most
 --calib-n of them (default 512, ultralytics' and ModelOpt's choice), spread evenly over the sorted
 list so that a dataset sorted by scene is sampled across scenes. They are letterboxed exactly as
-inference letterboxes (export.images.letterbox), in batches of the exported graph's batch size.
+inference letterboxes (export.inputs.images.letterbox), in batches of the exported graph's batch size.
 """
 
 from pathlib import Path
@@ -12,8 +12,8 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 from tqdm import tqdm
 
-from export.accuracy import DatasetError, read_dataset, split_images
-from export.images import IMAGE_SUFFIXES, letterbox
+from export.inputs.datasets import DatasetError, read_dataset, split_images
+from export.inputs.images import IMAGE_SUFFIXES, letterbox
 
 DEFAULT_N = 512
 

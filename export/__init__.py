@@ -1,12 +1,16 @@
-"""The exporter, one stage a module: load (safe checkpoint loading), rewrite (export twins, per-block checks),
-to_onnx, lint, build (TensorRT / TensorRT-RTX), parity (ONNX Runtime / TensorRT vs PyTorch), report.
-`python -m export` runs them all (export.cli)."""
+"""The exporter as stage packages that import only downward:
 
-from export.build import build_engine
-from export.lint import lint
-from export.load import CheckpointError, LoadedCheckpoint, load
-from export.rewrite import ModuleCheck, rewrite
-from export.to_onnx import export_yolo
+    checkpoint -> graph -> engine -> verify -> report, run in order by pipeline; cli maps errors to exit codes.
+
+`python -m export` runs the main job (export.pipeline.export_job); docs/architecture.md maps where each kind
+of change goes. The names below are the library entry points of the stages.
+"""
+
+from export.checkpoint import CheckpointError, LoadedCheckpoint, load
+from export.engine.build import build_engine
+from export.graph.lint import lint
+from export.graph.rewrite import ModuleCheck, rewrite
+from export.graph.to_onnx import export_yolo
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "ModuleCheck", "build_engine", "export_yolo", "lint", "load",
            "rewrite"]

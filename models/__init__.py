@@ -40,6 +40,22 @@ def family_of(module):
     return None
 
 
+def reference_output(block, x):
+    """(a family block's reference output on its input x, a note where the seed code is ill-defined there or ''):
+    each family's own rule (its `reference_output`), else the block's plain output."""
+    rule = getattr(family_of(block), "reference_output", None)
+    return rule(block, x) if rule else (block(x), "")
+
+
+def reference_at(model, h, w):
+    """`model` as the reference to compare exports with at h x w: a family whose seed is defined only at some
+    sizes (FLA: square maps) redefines its blocks off them (its `defined_at`, on a copy); else `model` itself."""
+    for family in FAMILIES.values():
+        defined_at = getattr(family, "defined_at", None)
+        model = defined_at(model, h, w) if defined_at else model
+    return model
+
+
 def demo_checkpoint(family="sta"):
     """Path of the shipped demo checkpoint trained with `family` (fla, mlla, sta, s2)."""
     if family not in FAMILIES:

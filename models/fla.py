@@ -248,6 +248,16 @@ def _focus(t, inv_scale, power, dim):
 
 
 # Bottleneck_FLA and C2f_FLA need no twin: their forward is export-clean once FLA inside is swapped.
+def reference_output(block, x):
+    """(the reference block's output on x, a note where the seed is ill-defined there): off-square maps are
+    compared with the seed computation laid out as h x w (the seed FLA is square-only)."""
+    h, w = x.shape[-2:]
+    if h == w:
+        return block(x), ""
+    return defined_at(block, h, w)(x), (f"the seed FLA is square-only (int(N**0.5) layout); at {h}x{w} compared "
+                                        f"with the seed computation laid out as {h}x{w}")
+
+
 EXPORT_TWINS = {FocusedLinearAttention: FocusedLinearAttentionExport}
 # C2f_FLA takes (c1, c2, n, shortcut, ...) like ultralytics' C2f: width- and depth-scaled.
 # FocusedLinearAttention alone (the tutorial's "FLAttention" in the neck) keeps C and takes c1 first.

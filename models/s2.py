@@ -139,6 +139,17 @@ def s2_for_yaml(c1):
     return S2Attention(c1, split_channels=c1)
 
 
+def reference_output(block, x):
+    """(the reference block's output on x, a note on how far the seed's in-place shift is from the clean one)."""
+    expected = block(x)
+    seed = block(x, shift=seed_inplace_shift)
+    diff = (seed - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    return expected, (f"the seed's in-place shift (eager CPU) differs from the clean shift by max abs {diff:.4g} "
+                      f"({diff / max(scale, 1e-12):.1%} of the output scale) here; the clean shift is this "
+                      f"project's definition and what every export computes")
+
+
 EXPORT_TWINS = {S2Attention: S2AttentionExport}
 YAML_MODULES = {"S2Attention": ("attention", s2_for_yaml)}
 

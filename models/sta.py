@@ -213,6 +213,18 @@ def bank_fold(t, weights):
 
 
 
+def reference_output(block, x):
+    """(the reference block's output on x, a note when its identity kernel banks were trained)."""
+    if not isinstance(block, StokenAttention):
+        return block(x), ""
+    drift = max((bank.weights - identity_bank(3)).abs().max().item() for bank in (block.unfold, block.fold))
+    if drift == 0:
+        return block(x), ""
+    return block(x), (f"the STA identity kernel banks were trained (max drift {drift:.3g}: ultralytics "
+                      f"re-enables requires_grad on them); the twin computes with the trained banks "
+                      f"(Conv/ConvTranspose, or the plugin ops with the bank as input)")
+
+
 EXPORT_TWINS = {StokenAttention: StokenAttentionExport, StAttention: StAttentionExport}
 YAML_MODULES = {"StokenAttention": ("attention", StokenAttention)}
 

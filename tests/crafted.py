@@ -329,7 +329,7 @@ def _child(job, result_path):
     import traceback
 
     import export
-    from export.load import CheckpointError
+    from export.checkpoint.loader import CheckpointError
 
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
     log = os.open(Path(result_path).with_suffix(".log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)

@@ -187,7 +187,7 @@ def main(base, plan_file, workdir):
     import torch
 
     import export  # after the limits: the import itself is part of what is being checked
-    from export.load import CheckpointError
+    from export.checkpoint.loader import CheckpointError
 
     torch.set_num_threads(1)  # tiny tensors: extra threads only oversubscribe a small (CI) machine, ~4x slower
 

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 import models
-from export import bench
+from export.verify import profile, timing
 from export.cli import main
-from export.load import from_yaml, load
-from export.rewrite import rewrite
-from export.to_onnx import export_yolo
+from export.checkpoint.loader import from_yaml, load
+from export.graph.rewrite import rewrite
+from export.graph.to_onnx import export_yolo
 
 
 class _Counter:
@@ -27,7 +27,7 @@ class _Counter:
 def test_interleaved_rounds_rotate_and_summarise():
     log = []
     runners = {n: _Counter(n, log) for n in "abc"}
-    stats = bench.interleaved(runners, np.zeros((2, 3, 8, 8), np.float32), iterations=4, rounds=3, warmup=2)
+    stats = timing.interleaved(runners, np.zeros((2, 3, 8, 8), np.float32), iterations=4, rounds=3, warmup=2)
     timed = log[3 * 2:]  # after every runner's warm-up calls
     assert len(timed) == 3 * 3 * 4 and all(log.count(n) == 2 + 3 * 4 for n in "abc")
     firsts = [timed[r * 12] for r in range(3)]
@@ -44,14 +44,14 @@ def test_fresh_runners_are_rebuilt_and_warmed_every_round():
         made.append(1)
         return _Counter("fresh", log)
 
-    stats = bench.interleaved({"kept": _Counter("kept", log), "fresh": bench.Fresh(make)},
+    stats = timing.interleaved({"kept": _Counter("kept", log), "fresh": timing.Fresh(make)},
                               np.zeros((1, 3, 8, 8), np.float32), iterations=3, rounds=4, warmup=2)
     assert len(made) == 4 and log.count("fresh") == 4 * (2 + 3) and log.count("kept") == 2 + 4 * 3
     assert stats["fresh"]["rounds"] == 4
 
 
 def test_latency_stats():
-    s = bench.latency_stats([3.0, 1.0, 2.0, 10.0, 4.0], iterations=7, batch=2)
+    s = timing.latency_stats([3.0, 1.0, 2.0, 10.0, 4.0], iterations=7, batch=2)
     assert (s["min_ms"], s["median_ms"], s["max_ms"]) == (1.0, 3.0, 10.0)
     assert s["images_per_s"] == pytest.approx(2 * 1000 / 3.0) and s["rounds"] == 5
 
@@ -60,10 +60,10 @@ def test_time_over_first_pairs_rounds():
     """A machine that drifts between rounds moves both models alike: the paired ratio sees the 10% the model costs,
     the min-based ratio sees the drift (one lucky round of the base)."""
     base = [10.0, 20.0, 10.0, 20.0, 9.0]
-    rows = [{"model": "plain", "precision": "fp32", "flops": 100, **bench.latency_stats(base, 1, 1)},
-            {"model": "fla", "precision": "fp32", "flops": 103, **bench.latency_stats([11.0, 22.0, 11.0, 22.0, 12.0], 1, 1)},
-            {"model": "plain", "precision": "fp16", "flops": None, **bench.latency_stats([5.0], 1, 1)}]
-    bench._relative_to_first(rows)
+    rows = [{"model": "plain", "precision": "fp32", "flops": 100, **timing.latency_stats(base, 1, 1)},
+            {"model": "fla", "precision": "fp32", "flops": 103, **timing.latency_stats([11.0, 22.0, 11.0, 22.0, 12.0], 1, 1)},
+            {"model": "plain", "precision": "fp16", "flops": None, **timing.latency_stats([5.0], 1, 1)}]
+    timing.relative_to_first(rows)
     plain, fla, half = rows
     assert plain["time_over_first"] == 0 and plain["time_over_first_iqr"] == [0, 0] and plain["within_bound"]
     assert fla["time_over_first"] == pytest.approx(0.10)
@@ -76,7 +76,7 @@ def test_time_over_first_pairs_rounds():
 
 def test_module_costs_counts_conv_flops_and_params():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
-    costs = bench.module_costs(model, (16, 16))
+    costs = profile.module_costs(model, (16, 16))
     assert costs["0"]["flops"] == 2 * 3 * 8 * 9 * 16 * 16 and costs["0"]["params"] == 8 * 3 * 9 + 8
     assert costs["2"]["flops"] == 2 * 8 * 4 * 16 * 16 and costs["1"]["flops"] == 0
     assert costs[""]["flops"] == costs["0"]["flops"] + costs["2"]["flops"]
@@ -91,8 +91,8 @@ def fla_blocks(tmp_path_factory):
     path = tmp_path_factory.mktemp("fla") / "fla.onnx"
     export_yolo(twin, loaded, path, imgsz)
     images = np.random.default_rng(0).random((1, 3, *imgsz), dtype=np.float32)
-    profile = bench.profile_onnx(path, images, threads=torch.get_num_threads(), runs=5, warmup=2)
-    return bench.block_costs(profile, bench.module_costs(loaded.model, imgsz), loaded.model)
+    measured = profile.profile_onnx(path, images, threads=torch.get_num_threads(), runs=5, warmup=2)
+    return profile.block_costs(measured, profile.module_costs(loaded.model, imgsz), loaded.model)
 
 
 def test_layer_shares_add_up_to_the_measured_total(fla_blocks):
@@ -155,7 +155,7 @@ def test_bench_command_bad_input(tmp_path, capsys):
 def test_from_yaml_builds_stock_and_our_architectures():
     assert from_yaml("yolov8n.yaml", 3).nc == 3
     fla_model = from_yaml("yolov8-fla.yaml", 3).model
-    assert bench.attention_blocks(fla_model) == [f"model.{i}.m.0.FLA" for i in (12, 15, 18, 21)]
+    assert profile.attention_blocks(fla_model) == [f"model.{i}.m.0.FLA" for i in (12, 15, 18, 21)]
 
 
 def test_fla_floor_tool_keeps_the_convolutions_and_drops_the_attention(tmp_path):

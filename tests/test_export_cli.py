@@ -15,7 +15,7 @@ from ultralytics import YOLO
 
 import models
 from export.cli import main
-from export.lint import lint
+from export.graph.lint import lint
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_RTX = __import__("importlib").util.find_spec("tensorrt_rtx") is not None
@@ -135,10 +135,10 @@ def test_bad_arguments_exit_2(args, phrase, tmp_path, capsys):
 
 
 def test_parity_failure_exits_4_and_names_the_block(tmp_path, monkeypatch):
-    import export.cli as cli
+    from export.pipeline import export_job
     import torch
 
-    real_rewrite = cli.rewrite
+    real_rewrite = export_job.rewrite
 
     def broken_rewrite(model, imgsz, images=None):
         twin, checks = real_rewrite(model, imgsz, images=images)
@@ -146,7 +146,7 @@ def test_parity_failure_exits_4_and_names_the_block(tmp_path, monkeypatch):
             twin.get_submodule("model.10").stoken_refine.proj.weight.mul_(3.0)  # a wrong twin
         return twin, checks
 
-    monkeypatch.setattr(cli, "rewrite", broken_rewrite)
+    monkeypatch.setattr(export_job, "rewrite", broken_rewrite)
     assert main(["--weights", str(models.demo_checkpoint("sta")), "--out", str(tmp_path)]) == 4
     report = _report(tmp_path)
     assert report["exit_code"] == 4 and not report["parity"]["onnxruntime"]["pass"]
@@ -155,7 +155,7 @@ def test_parity_failure_exits_4_and_names_the_block(tmp_path, monkeypatch):
 
 
 def test_build_unavailable_exits_3(tmp_path, monkeypatch, capsys):
-    import export.build as build
+    import export.engine.build as build
 
     def unavailable():
         raise build.BuildUnavailable("building an engine needs TensorRT: install it")

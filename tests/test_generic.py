@@ -1,4 +1,4 @@
-"""Generic rewrites (export.generic): inside named blocks only, exact, and what they leave alone."""
+"""Generic rewrites (export.graph.generic, export.graph.onnx_passes): inside named blocks only, exact, and what they leave alone."""
 
 import inspect
 import warnings
@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import einsum as bound_einsum
 
-from export.generic import (NOT_COVERED, block_source_files, exportable_calls, literal_slice_writes,
-                            shape_code_warnings)
-from export.to_onnx import export_module, trace
+from export.graph.generic import NOT_COVERED, block_source_files, exportable_calls, shape_code_warnings
+from export.graph.onnx_passes import literal_slice_writes
+from export.graph.to_onnx import export_module, trace
 from tests.cases import rel_err
 
 POOL_OPS = {"AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool"}

@@ -15,17 +15,17 @@ from calib.demo import demo_dataset
 from calib.int8 import Int8Job, make_int8
 from calib.rules import blocks, float_nodes
 from calib.source import calibration_files
-from export import kinds
-from export.accuracy import labelled_map
-from export.build import RTX_INT8_NOTE
+from export.checkpoint import kinds
+from export.verify.accuracy import labelled_map
+from export.engine.build import RTX_INT8_NOTE
 from export.cli import main
-from export.images import read_images
-from export.lint import lint
-from export.load import load
-from export.parity import OrtRunner, TorchRunner, compare
-from export.rewrite import rewrite
-from export.to_onnx import export_yolo
-from models import fla
+from export.inputs.images import read_images
+from export.graph.lint import lint
+from export.checkpoint.loader import load
+from export.verify.parity import compare
+from export.verify.runners import OrtRunner, TorchRunner
+from export.graph.rewrite import rewrite
+from export.graph.to_onnx import export_yolo
 
 HAS_RTX = __import__("importlib").util.find_spec("tensorrt_rtx") is not None
 DEMOS = [models.demo_checkpoint(f) for f in models.FAMILIES] + [models.DEMO_DIR / "yolov5s-s2.pt"]
@@ -84,7 +84,7 @@ def test_int8_output_near_fp32(demo_int8):
     loaded, _, section = demo_int8
     imgsz = (loaded.imgsz, loaded.imgsz)
     images = read_images(models.DEMO_DIR / "images", imgsz).numpy()
-    r = compare(TorchRunner(fla.defined_at(loaded.model, *imgsz)), OrtRunner(section["onnx"]), images, "int8",
+    r = compare(TorchRunner(models.reference_at(loaded.model, *imgsz)), OrtRunner(section["onnx"]), images, "int8",
                 to_v8_layout=kinds.of(loaded).to_v8_layout)
     assert r["finite"] and r["cosine"] >= 0.999 and r["pass"], r
 

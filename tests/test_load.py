@@ -13,7 +13,7 @@ import torch
 from ultralytics import YOLO
 
 import export
-from export.load import CheckpointError, UnknownBlocksError
+from export.checkpoint.loader import CheckpointError, UnknownBlocksError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -206,7 +206,7 @@ def test_exit_raised_inside_loading_is_a_refusal_not_a_silent_exit(raised, monke
     def unpickle(*args):
         raise raised
 
-    monkeypatch.setattr(sys.modules["export.load"], "unpickle", unpickle)  # export.load is also the function
+    monkeypatch.setattr(sys.modules["export.checkpoint.loader"], "unpickle", unpickle)  # export.load is also the function
     with pytest.raises(CheckpointError, match=type(raised).__name__) as err:
         export.load(REPO / "models" / "demo" / "yolov8n-sta.pt")
     assert err.value.exit_code == 2 and "\n" not in str(err.value)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import models
-from export.to_onnx import MAX_IR_VERSION, export_module
+from export.graph.to_onnx import MAX_IR_VERSION, export_module
 from tests.cases import CASES, rel_err
 
 FORBIDDEN_OPS = {"Einsum", "ScatterND", "ScatterElements", "Col2Im", "If", "Loop", "SequenceConstruct"}
@@ -96,7 +96,7 @@ def test_reshapes_computed_from_sizes_are_literal_others_keep_the_placeholder():
     it "might or might not be zero"); a constant shape, one with a placeholder 0, or one fed by the user stays."""
     from onnx import TensorProto, helper
 
-    from export.to_onnx import literal_reshapes
+    from export.graph.onnx_passes import literal_reshapes
 
     def ints(name, values):
         return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64,

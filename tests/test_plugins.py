@@ -181,7 +181,7 @@ def test_plugin_export_matches_plain_export(family, tmp_path):
 
 @pytest.mark.parametrize("name", ["s2_c30", "sta", "sta_grid1x1", "sta_iter2", "sta_trained_banks"])
 def test_plugin_twin_exports_custom_nodes_matching_plain_twin(name, tmp_path):
-    from export.to_onnx import export_module
+    from export.graph.to_onnx import export_module
     from tests.cases import CASES, rel_err
 
     case = CASES[name]
@@ -216,7 +216,7 @@ def test_plugin_twin_exports_custom_nodes_matching_plain_twin(name, tmp_path):
 def test_inlined_for_the_parser_every_call_has_its_own_named_body(tmp_path):
     """Without registered plugins the parser inlines the functions: we inline first, naming each body node after
     its call site, so the engine's layers are unique and traceable (no duplicate-name warnings)."""
-    from export.to_onnx import export_module
+    from export.graph.to_onnx import export_module
     from tests.cases import CASES
 
     twin = models.to_export(CASES["sta"].build())

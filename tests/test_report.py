@@ -3,8 +3,8 @@
 import numpy as np
 from PIL import Image
 
-from export import report
-from export.parity import THRESHOLDS, box_metrics, disagreements
+from export.report import export_report, pictures
+from export.verify.parity import THRESHOLDS, box_metrics, disagreements
 
 
 def _boxes(rows):
@@ -37,11 +37,11 @@ def test_verdict_names_the_deciding_figure():
     rep = {"parity": {"onnxruntime": _parity(rel_max_abs=1.5e-2),
                       "tensorrt": _parity(box_recall=0.5, **{"pass": False}),
                       "onnxruntime_int8": {"skipped": "no GPU"}}}
-    lines = report.verdicts(rep)
+    lines = export_report.verdicts(rep)
     assert lines[0] == "- ONNX Runtime (fp16): pass, max abs / output scale 0.015 (limit <= 0.02)"
     assert lines[1] == "- TensorRT (fp16): **FAIL**, box recall 0.5 (limit >= 0.95)"
     assert lines[2].startswith("- ONNX Runtime (int8 file): not run (no GPU)")
-    assert report.verdicts({"parity": {"onnxruntime": _parity(finite=False, **{"pass": False})}})[0].endswith(
+    assert export_report.verdicts({"parity": {"onnxruntime": _parity(finite=False, **{"pass": False})}})[0].endswith(
         "**FAIL**, non-finite outputs")
 
 
@@ -52,5 +52,5 @@ def test_detections_grid_has_a_panel_per_image_and_backend(tmp_path):
                 "onnxruntime": {"reference": ref, "backend": [DET, GT[:1], GT[:0]]},
                 "onnxruntime_fp16": {"reference": ref, "backend": ref}}
     labels = {b: b for b in pictured}
-    report._plot_detections(images, pictured, labels, {0: "a", 1: "b", 2: "c"}, tmp_path / "d.png")
+    pictures.detections_plot(images, pictured, labels, {0: "a", 1: "b", 2: "c"}, tmp_path / "d.png")
     assert Image.open(tmp_path / "d.png").size == (3 * 330, 3 * 350)

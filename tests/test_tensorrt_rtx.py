@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import models
-from export.to_onnx import export_module
+from export.graph.to_onnx import export_module
 from tests.cases import CASES
 
 trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX not installed (pip install '.[rtx]')")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from export.cli import main
-from export.load import CheckpointError, UnknownBlocksError, load
-from export.user_code import PRIVATE_ROOT
+from export.checkpoint.loader import CheckpointError, UnknownBlocksError, load
+from export.checkpoint.user_code import PRIVATE_ROOT
 from tests import user_blocks
 
 MARKER_SOURCE = '''
@@ -83,9 +83,9 @@ def test_localisation_watches_every_code_block(fork, tmp_path):
     """When parity fails, every block that is not stock ultralytics gets its own ONNX output: --code blocks too."""
     import numpy as np
 
-    from export import generic
-    from export.parity import localize
-    from export.rewrite import outermost_user_blocks, rewrite, watched_blocks
+    from export.graph import generic
+    from export.verify.localize import localize
+    from export.graph.rewrite import outermost_user_blocks, rewrite, watched_blocks
 
     root, ckpt = fork
     loaded = load(ckpt, code=[root])

@@ -20,7 +20,7 @@ import torch
 
 import export
 from export.cli import main
-from export.load import CheckpointError, read
+from export.checkpoint.loader import CheckpointError, read
 from tests.crafted import call, glob, pickle_of, read_zip, write_zip
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import models  # noqa: E402
-from export.images import parse_imgsz  # noqa: E402
-from export.load import load  # noqa: E402
-from export.to_onnx import export_yolo  # noqa: E402
+from export.inputs.images import parse_imgsz  # noqa: E402
+from export.checkpoint import load  # noqa: E402
+from export.graph.to_onnx import export_yolo  # noqa: E402
 from models.fla import FocusedLinearAttentionExport, _conv1x1  # noqa: E402
 
 

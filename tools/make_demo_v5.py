@@ -225,7 +225,7 @@ def s2_width_from_pickle(path):
 def load_gated(path):
     """The checkpoint as the exporter's gated unpickler rebuilds it (nothing in the file runs, no YOLOv5 code)."""
     sys.path.insert(0, str(REPO))
-    from export.load import read
+    from export.checkpoint.loader import read
 
     return read(Path(path))[0]
 

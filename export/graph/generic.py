@@ -25,11 +25,10 @@ import os
 import sys
 import warnings
 
-import numpy as np
-import onnx
 import torch
 import torch.nn.functional as F
-from onnx import helper, numpy_helper
+
+from export.graph.onnx_passes import node_scope
 
 NOT_COVERED = "not-covered"
 
@@ -325,8 +324,6 @@ def shape_code_warnings(caught, block_files):
 def per_block(block_files, used, caught, replaced_nodes):
     """{block: [records]}: what `exportable_calls` used, the shape-code warnings among `caught`, and the ScatterND
     nodes `literal_slice_writes` replaced (charged to the block whose module path encloses the node)."""
-    from export.to_onnx import node_scope
-
     blocks = {name: [] for names in block_files.values() for name in names}
 
     def add(block, record):
@@ -343,161 +340,3 @@ def per_block(block_files, used, caught, replaced_nodes):
         for block in (b for b in blocks if scope == b or scope.startswith(b + ".")):
             add(block, {"rewrite": "slice-writes", "detail": "in-place slice write as Slice + Concat (was ScatterND)"})
     return blocks
-
-
-# ---- literal slice writes (ONNX) ----------------------------------------------------------------------------------
-
-def literal_slice_writes(proto):
-    """Replace each ScatterND of the main graph that writes a literal box (constant indices enumerating contiguous
-    ranges of the leading axes in row-major order, data of static shape) by Slice + Concat; returns the names of the
-    replaced nodes. torch exports `x[:, 2:5] = y` as ScatterND with indices computed from sizes: run this after
-    constant folding (onnxslim.slim at static sizes folds them). The result is bit-identical: only copies."""
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    graph = proto.graph
-    if opset < 13 or not any(n.op_type == "ScatterND" for n in graph.node):
-        return []  # the common case: no slice write, no shape inference over the whole model
-    shapes = _static_shapes(proto)
-    constants = constant_tensors(graph.node, graph.initializer)
-    replaced, indices, nodes = [], [], []
-    for node in graph.node:
-        box = _literal_box(node, shapes, constants)
-        if box is None:
-            nodes.append(node)
-            continue
-        nodes += _slices_and_concats(node, box, shapes[node.input[0]], constants[node.input[1]].dims[:-1], graph)
-        replaced.append(node.name or node.output[0])
-        indices.append(node.input[1])
-    if replaced:
-        del graph.node[:]
-        graph.node.extend(nodes)
-        _drop_unused_constants(graph, indices)
-    return replaced
-
-
-def _static_shapes(proto):
-    """{value name: tuple of ints} for every value whose shape is fully known."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto).graph
-    except onnx.shape_inference.InferenceError:  # an inconsistent graph: only the declared shapes
-        inferred = proto.graph
-    shapes = {t.name: tuple(t.dims) for t in inferred.initializer}
-    for info in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
-        dims = info.type.tensor_type.shape.dim
-        if info.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
-            shapes[info.name] = tuple(d.dim_value for d in dims)
-    return shapes
-
-
-def constant_tensors(nodes, initializers=()):
-    """{name: TensorProto} of `initializers` and the Constant nodes among `nodes` (a graph's, or a local function's,
-    which has no initializers); converted to arrays only when read: weights are big."""
-    tensors = {t.name: t for t in initializers}
-    for node in nodes:
-        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-            tensors[node.output[0]] = node.attribute[0].t
-    return tensors
-
-
-def _literal_box(node, shapes, constants):
-    """[(start, stop) per leading axis] when `node` is a ScatterND writing exactly that box in row-major order."""
-    reduction = next((a.s for a in node.attribute if a.name == "reduction"), b"none")
-    if node.op_type != "ScatterND" or node.domain not in ("", "ai.onnx") or reduction != b"none":
-        return None
-    tensor, dims = constants.get(node.input[1]), shapes.get(node.input[0])
-    if tensor is None or dims is None or len(tensor.dims) < 1 or not 0 < tensor.dims[-1] <= len(dims):
-        return None
-    indices = numpy_helper.to_array(tensor)
-    k = indices.shape[-1]
-    tuples = indices.reshape(-1, k).astype(np.int64)
-    bounds = np.array(dims[:k])
-    if not len(tuples) or ((tuples < -bounds) | (tuples >= bounds)).any():
-        return None
-    tuples = tuples % bounds  # negative indices count from the end
-    box = [(int(tuples[:, a].min()), int(tuples[:, a].max()) + 1) for a in range(k)]
-    grid = np.meshgrid(*[np.arange(start, stop) for start, stop in box], indexing="ij")
-    enumerated = np.stack(grid, axis=-1).reshape(-1, k)
-    return box if np.array_equal(enumerated, tuples) else None
-
-
-def _slices_and_concats(node, box, dims, written_shape, graph):
-    """Nodes computing node's output from its data and updates: the box's middle replaced recursively, the parts
-    before and after it on each partially written axis sliced from the data, concatenated back."""
-    emit = _Emitter(node.name or node.output[0], graph)
-    data, _, updates = node.input
-    box_shape = [stop - start for start, stop in box]
-    if list(written_shape) != box_shape:  # updates laid out as the index tuples: same order, box shape
-        updates = emit.node("Reshape", [updates, emit.constant(box_shape + list(dims[len(box):]))])
-    result = _assembled(emit, data, box, dims, updates, 0)
-    emit.finish(result, node.output[0])
-    return emit.nodes
-
-
-def _assembled(emit, data, box, dims, updates, axis):
-    """`data` (sliced on the axes before `axis`) with box[axis:] replaced by `updates`."""
-    if _covered(box, dims, axis):
-        return updates
-    start, stop = box[axis]
-    if not _covered(box, dims, axis + 1):  # the middle is itself partly written
-        updates = _assembled(emit, emit.slice(data, axis, start, stop, dims[axis]), box, dims, updates, axis + 1)
-    before = [emit.slice(data, axis, 0, start, dims[axis])] if start > 0 else []
-    after = [emit.slice(data, axis, stop, dims[axis], dims[axis])] if stop < dims[axis] else []
-    return emit.node("Concat", before + [updates] + after, axis=axis) if before or after else updates
-
-
-def _covered(box, dims, axis):
-    """Whether the box spans the whole of every axis from `axis` on."""
-    return all(span == (0, d) for span, d in zip(box[axis:], dims[axis:]))
-
-
-class _Emitter:
-    """New nodes and constants replacing one node, named after it."""
-
-    def __init__(self, prefix, graph):
-        self.prefix, self.graph, self.nodes = prefix, graph, []
-
-    def _name(self, what):
-        return f"{self.prefix}/literal_slice_write/{what}_{len(self.nodes) + len(self.graph.initializer)}"
-
-    def constant(self, values):
-        tensor = numpy_helper.from_array(np.array(values, dtype=np.int64), self._name("const"))
-        self.graph.initializer.append(tensor)
-        return tensor.name
-
-    def node(self, op_type, inputs, **attributes):
-        name = self._name(op_type)
-        self.nodes.append(helper.make_node(op_type, inputs, [name + "_output"], name=name, **attributes))
-        return name + "_output"
-
-    def slice(self, data, axis, start, stop, size):
-        if (start, stop) == (0, size):
-            return data
-        return self.node("Slice", [data, self.constant([start]), self.constant([stop]), self.constant([axis])])
-
-    def finish(self, result, output):
-        """Make `result` the replaced node's output (consumers and graph outputs keep their name)."""
-        if self.nodes and self.nodes[-1].output[0] == result:
-            self.nodes[-1].output[0] = output
-        else:  # the write covers the whole tensor: the output is the updates
-            self.nodes.append(helper.make_node("Identity", [result], [output], name=self._name("Identity")))
-
-
-def _drop_unused_constants(graph, names):
-    """The replaced nodes' index tensors (initializers or Constant nodes) that nothing reads any more."""
-    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    for node in _subgraph_nodes(graph):
-        read.update(node.input)
-    inputs = {i.name for i in graph.input}
-    gone = set(names) - read - inputs
-    for tensor in [t for t in graph.initializer if t.name in gone]:
-        graph.initializer.remove(tensor)
-    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] in gone]:
-        graph.node.remove(node)
-
-
-def _subgraph_nodes(graph):
-    """Nodes of If/Loop bodies: they may read outer values implicitly."""
-    for node in graph.node:
-        for attribute in node.attribute:
-            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                yield from body.node
-                yield from _subgraph_nodes(body)

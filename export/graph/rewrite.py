@@ -11,8 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import models
-from export.user_code import is_user_class
-from models import fla, s2, sta
+from export.checkpoint.user_code import is_user_class
 
 
 @dataclass
@@ -91,30 +90,8 @@ def _capture_inputs(model, names, x):
 
 def _check(name, reference, twin, x):
     with torch.no_grad():
-        expected, note = _reference_output(reference, x)
+        expected, note = models.reference_output(reference, x)
         got = twin(x)
     return ModuleCheck(name=name, reference=type(reference).__name__, twin=type(twin).__name__,
                        input_shape=list(x.shape), max_abs=(got - expected).abs().max().item(),
                        scale=expected.abs().max().item(), note=note)
-
-
-def _reference_output(reference, x):
-    h, w = x.shape[-2:]
-    if isinstance(reference, fla.FocusedLinearAttention) and h != w:
-        return fla.defined_at(reference, h, w)(x), (f"the seed FLA is square-only (int(N**0.5) layout); at {h}x{w} compared with the seed "
-                            f"computation laid out as {h}x{w}")
-    if isinstance(reference, s2.S2Attention):
-        expected = reference(x)
-        seed = reference(x, shift=s2.seed_inplace_shift)
-        diff = (seed - expected).abs().max().item()
-        scale = expected.abs().max().item()
-        return expected, (f"the seed's in-place shift (eager CPU) differs from the clean shift by max abs {diff:.4g} "
-                          f"({diff / max(scale, 1e-12):.1%} of the output scale) here; the clean shift is this "
-                          f"project's definition and what every export computes")
-    if isinstance(reference, sta.StokenAttention):
-        drift = max((bank.weights - sta.identity_bank(3)).abs().max().item() for bank in (reference.unfold, reference.fold))
-        if drift > 0:
-            return reference(x), (f"the STA identity kernel banks were trained (max drift {drift:.3g}: ultralytics "
-                                  f"re-enables requires_grad on them); the twin computes with the trained banks "
-                                  f"(Conv/ConvTranspose, or the plugin ops with the bank as input)")
-    return reference(x), ""

@@ -8,51 +8,11 @@ we only feed it each backend's raw output in the (B, 4+nc, anchors) layout. One 
 images, every runner on the same batch, one validator per runner.
 """
 
-import contextlib
-import io
-import logging
-from pathlib import Path
-
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from export.load import CheckpointError
-
-
-class DatasetError(CheckpointError):
-    """A --data / --calib problem the user fixes: one line, exit code 2."""
-
-
-def read_dataset(data_yaml):
-    """The parsed dataset dict (ultralytics' check_det_dataset, never downloading), or DatasetError."""
-    from ultralytics.data.utils import check_det_dataset
-
-    path = Path(data_yaml)
-    if not path.is_file():
-        raise DatasetError(f"--data {path}: no such dataset YAML; pass an ultralytics/YOLOv5 data YAML "
-                           "(path, train, val, names)")
-    try:
-        with _quiet():
-            return check_det_dataset(str(path), autodownload=False)
-    except Exception as e:  # ultralytics raises FileNotFoundError / SyntaxError / TypeError with its own text
-        detail = " ".join(str(e).split())[:300]
-        raise DatasetError(f"--data {path}: {detail}") from None
-
-
-def split_images(data, split):
-    """Image files of a dataset split ('train' or 'val'), sorted, as ultralytics lists them."""
-    from ultralytics.data.dataset import YOLODataset
-
-    if not data.get(split):
-        return []
-    lister = YOLODataset.__new__(YOLODataset)  # only its file lister: folders, list files, lists of either
-    lister.fraction, lister.prefix = 1.0, ""
-    try:
-        with _quiet():
-            return sorted(lister.get_img_files(data[split]))
-    except Exception:  # a split without images
-        return []
+from export.inputs.datasets import DatasetError, quiet, read_dataset
 
 
 def labelled_map(runners, data_yaml, imgsz, batch=1, to_v8_layout=None, names=None, desc="mAP"):
@@ -122,7 +82,7 @@ def _val_loader(data, imgsz, batch):
     h, w = imgsz
     cfg = get_cfg(DEFAULT_CFG, {"task": "detect", "imgsz": max(h, w), "rect": False, "cache": False,
                                 "single_cls": False, "fraction": 1.0})
-    with _quiet():
+    with quiet():
         dataset = build_yolo_dataset(cfg, data["val"], batch, data, mode="val", stride=32)
     if not len(dataset):
         raise DatasetError(f"--data: the val split {data['val']} has no images")
@@ -160,22 +120,8 @@ def _run_padded(runner, images, batch):
 
 
 def _summary(validator):
-    with _quiet():
+    with quiet():
         stats = validator.get_stats()
     return {"map50": float(stats["metrics/mAP50(B)"]), "map50_95": float(stats["metrics/mAP50-95(B)"]),
             "box_p": float(stats["metrics/precision(B)"]), "box_r": float(stats["metrics/recall(B)"]),
             "images": int(validator.seen), "instances": int(validator.metrics.nt_per_class.sum())}
-
-
-@contextlib.contextmanager
-def _quiet():
-    """ultralytics logs dataset scans and warnings at INFO; the CLI prints its own one-line results."""
-    from ultralytics.utils import LOGGER
-
-    level = LOGGER.level
-    LOGGER.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        LOGGER.setLevel(level)

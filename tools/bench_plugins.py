@@ -1,6 +1,6 @@
 """Benchmark the custom ops' forms in ONNX Runtime (CPU), same inputs and threads:
 
-    python -m plugins.bench [--iterations 200] [--threads 2]
+    python tools/bench_plugins.py [--iterations 200] [--threads 2]
 
 - seed: what the tutorial code exports to (S2: in-place slice writes -> ScatterND; STA: identity-kernel
   Conv / ConvTranspose banks);
@@ -10,6 +10,7 @@ Prints a Markdown table of median ms per call.
 """
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,9 +19,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.to_onnx import export_module
-from models import s2, sta
-from plugins import s2_shift, sta_fold
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from export.graph.to_onnx import export_module  # noqa: E402
+from models import s2, sta  # noqa: E402
+from plugins import s2_shift, sta_fold  # noqa: E402
 
 
 class _Fn(torch.nn.Module):

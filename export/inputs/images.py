@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from ultralytics.data.augment import LetterBox
 
-from export.load import CheckpointError
+from export.errors import BadInput
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 MAX_IMAGES = 32  # parity and probe use at most this many images of --images (sorted by name)
@@ -19,7 +19,7 @@ def read_images(folder, imgsz):
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_IMAGES] \
         if folder.is_dir() else []
     if not files:
-        raise CheckpointError(f"--images {folder}: no images found (.jpg/.png/...); pass a folder of sample images")
+        raise BadInput(f"--images {folder}: no images found (.jpg/.png/...); pass a folder of sample images")
     return torch.from_numpy(letterbox(files, imgsz))
 
 
@@ -46,9 +46,9 @@ def parse_imgsz(value, stride):
         parts = [int(v) for v in str(value).strip("[]() ").replace(" ", "").split(",")] if not isinstance(value, (list, tuple)) \
             else [int(v) for v in value]
     except ValueError:
-        raise CheckpointError(f"--imgsz must be N or H,W (integers), got {value!r}") from None
+        raise BadInput(f"--imgsz must be N or H,W (integers), got {value!r}") from None
     h, w = (parts * 2)[:2] if len(parts) == 1 else parts[:2]
     if len(parts) > 2 or h <= 0 or w <= 0 or h % stride or w % stride:
-        raise CheckpointError(f"--imgsz {value} must be one or two positive multiples of the model stride {stride} "
+        raise BadInput(f"--imgsz {value} must be one or two positive multiples of the model stride {stride} "
                               f"(e.g. {max(stride, (h // stride) * stride)})")
     return h, w

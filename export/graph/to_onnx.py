@@ -1,11 +1,13 @@
 """Export a (rewritten) YOLO model to ONNX that ultralytics, ONNX Runtime and TensorRT's parsers read.
 
-Layout as the checkpoint kind's own export (export.kinds): `images` float32 [0,1] NCHW in, `output0`
+Layout as the checkpoint kind's own export (export.checkpoint.kinds): `images` float32 [0,1] NCHW in, `output0`
 float32 out — (B, 4+nc, anchors) for ultralytics, (B, anchors, 5+nc) for YOLOv5 — and metadata props
-(names, stride, imgsz, task, batch, ...; YOLOv5's DetectMultiBackend reads stride and names). With half=True weights and activations
+(names, stride, imgsz, task, batch, ...; YOLOv5's DetectMultiBackend reads stride and names; `onnx_metadata` reads
+them back, `onnx_precision` tells the precision from them). With half=True weights and activations
 are fp16 and the families' fp32 islands are explicit Cast nodes; input and output stay fp32.
 """
 
+import ast
 import copy
 import datetime
 import tempfile
@@ -15,9 +17,10 @@ from pathlib import Path
 import onnx
 import torch
 
-from export import kinds
+from export.checkpoint import kinds
+from export.errors import BadInput
 from export.files import atomic_write
-from export.generic import constant_tensors, literal_slice_writes
+from export.graph.onnx_passes import literal_reshapes, literal_slice_writes
 from plugins import attach_functions
 
 # onnx >= 1.23 stamps IR 14 by default; onnxruntime 1.31 reads at most 13. IR 10 covers opsets <= 21.
@@ -46,20 +49,6 @@ def trace(module, example, opset=17, input_names=("x",), output_names=("y",), dy
         proto = attach_functions(onnx.load(str(raw)))
     literal_reshapes(proto)
     return proto
-
-
-def node_scope(node_name):
-    """The dotted module path of the calls enclosing an ONNX node ('' for nodes outside the model's modules).
-    torch names a node after the modules whose calls enclose it; the export wrapper adds the leading `model`.
-    A child of a container scope is named by its path from the model root (`/model/model.21/model.21.1/Einsum`):
-    that component then replaces the path so far instead of extending it."""
-    parts = node_name.split("/")[1:-1]  # '/model/model.10/qk/Gemm' -> ['model', 'model.10', 'qk']
-    if parts[:1] != ["model"]:
-        return ""
-    path = ""
-    for part in parts[1:]:
-        path = part if path and part.startswith(path + ".") else f"{path}.{part}" if path else part
-    return path
 
 
 def save(model, path):
@@ -113,70 +102,6 @@ def export_yolo(twin, loaded, path, imgsz, batch=1, dynamic=False, half=False, o
     return save(proto, path)
 
 
-# Ops that assemble a shape tensor element by element: a constant 0 inside one of them is a placeholder.
-_SHAPE_ASSEMBLY = {"Concat", "Unsqueeze", "Squeeze", "Cast", "Identity"}
-
-
-def literal_reshapes(proto):
-    """Mark Reshapes whose target shape is computed at run time from tensor sizes `allowzero=1` (in the graph and
-    in local functions); returns how many. torch's reshape sizes are literal, never ONNX's "0 copies the input
-    dimension" placeholder, so for these shapes allowzero=1 is the traced meaning (and the same result whenever
-    no size is 0). TensorRT's parser (>= 8.5, opset >= 14) maps allowzero=0 to zeroIsPlaceHolder and warns for
-    every runtime-shaped Reshape that a dimension "might or might not be zero". Shapes with a constant 0 among
-    their assembled elements keep the placeholder meaning; constant shapes are left as they are."""
-    marked = _literal_reshapes_in(proto.graph.node, proto.graph.initializer, proto.opset_import)
-    for function in proto.functions:
-        marked += _literal_reshapes_in(function.node, (), function.opset_import)
-    return marked
-
-
-def _literal_reshapes_in(nodes, initializers, opset_import):
-    if next((o.version for o in opset_import if o.domain in ("", "ai.onnx")), 0) < 14:
-        return 0  # allowzero exists from opset 14
-    producer = {out: n for n in nodes for out in n.output}
-    constants = constant_tensors(nodes, initializers)
-    marked = 0
-    for node in nodes:
-        if node.op_type == "Reshape" and node.domain in ("", "ai.onnx") and _runtime_sizes(node.input[1], producer,
-                                                                                          constants):
-            for a in [a for a in node.attribute if a.name == "allowzero"]:
-                node.attribute.remove(a)
-            node.attribute.append(onnx.helper.make_attribute("allowzero", 1))
-            marked += 1
-    return marked
-
-
-def _runtime_sizes(name, producer, constants):
-    """True when shape tensor `name` is assembled from pieces computed from tensor sizes (a Shape upstream) and
-    constants with no 0 element; False for a constant shape, a placeholder 0, or a piece from anywhere else."""
-    pieces, stack = [], [name]
-    while stack:
-        value = stack.pop()
-        node = producer.get(value)
-        if node is not None and node.op_type in _SHAPE_ASSEMBLY:
-            stack.extend(node.input if node.op_type == "Concat" else node.input[:1])  # not Unsqueeze's axes
-        else:
-            pieces.append(value)
-    if any(p in constants and (onnx.numpy_helper.to_array(constants[p]) == 0).any() for p in pieces):
-        return False
-    computed = [p for p in pieces if p not in constants]
-    return bool(computed) and all(_from_sizes(p, producer) for p in computed)
-
-
-def _from_sizes(name, producer):
-    """Whether a Shape node lies upstream of `name`: the value is arithmetic on tensor sizes."""
-    seen, stack = set(), [name]
-    while stack:
-        node = producer.get(stack.pop())
-        if node is None or node.output[0] in seen:
-            continue
-        if node.op_type == "Shape":
-            return True
-        seen.add(node.output[0])
-        stack.extend(node.input)
-    return False
-
-
 def _set_metadata(proto, loaded, imgsz, batch, dynamic, half):
     meta = {
         "description": f"attention-YOLO export of {loaded.path.name} (yolo-attn-export)",
@@ -204,3 +129,19 @@ def _version():
         return version("yolo-attn-export")
     except PackageNotFoundError:
         return "0+local"
+
+
+def onnx_precision(meta):
+    """The precision of an ONNX file `python -m export` wrote, from its metadata."""
+    return "int8" if "quantization" in meta else \
+        "fp16" if ast.literal_eval(meta.get("args", "{}")).get("half") else "fp32"
+
+
+def onnx_metadata(path):
+    """{key: value} of an ONNX file's metadata props; BadInput when it is missing or unreadable."""
+    if not Path(path).is_file():
+        raise BadInput(f"{path}: no such ONNX file; pass the .onnx that `python -m export` wrote")
+    try:
+        return {e.key: e.value for e in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:  # a damaged or foreign file: one line, exit 2
+        raise BadInput(f"{path} is not a readable ONNX model") from None

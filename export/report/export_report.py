@@ -1,15 +1,12 @@
-"""Write the job's report into --out: report.json (schema in the README), report.md (the same as tables), parity.png."""
+"""The main job's report in --out: report.json (schema: docs/report-format.md), report.md (the same as tables,
+opening with a verdict line per backend) and the pictures it embeds (those with something to show)."""
 
 import json
-import math
 
-import numpy as np
-
+from export.checkpoint.kinds import KINDS
 from export.files import atomic_write
-from export.kinds import KINDS
-
-BACKEND_LABEL = {"torch": "PyTorch (export twin)", "onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}
-
+from export.report.labels import BACKEND_LABEL, backend_label
+from export.report.pictures import block_errors_plot, blocks_plot, detections_plot, parity_plot
 
 def write_report(report, out):
     """report.json, report.md and the pictures it embeds (those with something to show)."""
@@ -19,27 +16,20 @@ def write_report(report, out):
     images = report.pop("_images", None)
     report["pictures"] = []
     if any(samples.values()) or report.get("speed"):
-        _plot(samples, report.get("speed", {}), out / "parity.png")
+        parity_plot(samples, report.get("speed", {}), out / "parity.png")
         report["pictures"].append("parity.png")
     if images is not None and any(pictured.values()):
-        labels = {b: f"{_label(b)}, {r.get('precision', '')}" for b, r in parity.items()}
-        _plot_detections(images, pictured, labels, report["checkpoint"]["names"], out / "detections.png")
+        labels = {b: f"{backend_label(b)}, {r.get('precision', '')}" for b, r in parity.items()}
+        detections_plot(images, pictured, labels, report["checkpoint"]["names"], out / "detections.png")
         report["pictures"].append("detections.png")
     if report.get("modules"):
-        _plot_block_errors(report, out / "errors.png")
+        block_errors_plot(report, out / "errors.png")
         report["pictures"].append("errors.png")
     if report.get("blocks"):
-        _plot_blocks(report["blocks"], out / "blocks.png")
+        blocks_plot(report["blocks"], out / "blocks.png")
         report["pictures"].append("blocks.png")
     atomic_write(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
     atomic_write(out / "report.md", markdown(report).encode())
-
-
-def write_bench(result, out):
-    """`python -m export bench`: bench.json, bench.md (the table and where the time goes), bench.png."""
-    atomic_write(out / "bench.json", (json.dumps(result, indent=2, default=str) + "\n").encode())
-    atomic_write(out / "bench.md", bench_markdown(result).encode())
-    _plot_bench(result, out / "bench.png")
 
 
 def markdown(report):
@@ -75,9 +65,9 @@ def markdown(report):
                   "mean IoU | mAP50-95 | pass |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for backend, r in report["parity"].items():
             if "skipped" in r:
-                lines.append(f"| {_label(backend)} | skipped: {r['skipped']} ||||||||||")
+                lines.append(f"| {backend_label(backend)} | skipped: {r['skipped']} ||||||||||")
                 continue
-            lines.append(f"| {_label(backend)} | {r.get('precision', '')} | {r['max_abs']:.3g} | {r['mean_abs']:.3g} | "
+            lines.append(f"| {backend_label(backend)} | {r.get('precision', '')} | {r['max_abs']:.3g} | {r['mean_abs']:.3g} | "
                          f"{r['cosine']:.7f} | {r['top_anchor_max_rel']:.3g} | {r['box_recall']:.3f} | "
                          f"{r['box_precision']:.3f} | {r['mean_iou']:.4f} | {r['map50_95']:.3f} | "
                          f"{'yes' if r['pass'] else '**NO**'} |")
@@ -91,7 +81,7 @@ def markdown(report):
     if report.get("speed"):
         lines += ["", f"## Speed ({_bench_setting(report['bench'])})", "",
                   "| backend | min ms | median ms | max ms | images/s | vs PyTorch eager |", "|---|---|---|---|---|---|"]
-        lines += [f"| {'PyTorch eager (reference)' if b == 'torch' else _label(b)} | {s['min_ms']:.2f} | {s['median_ms']:.2f} | {s['max_ms']:.2f} | "
+        lines += [f"| {'PyTorch eager (reference)' if b == 'torch' else backend_label(b)} | {s['min_ms']:.2f} | {s['median_ms']:.2f} | {s['max_ms']:.2f} | "
                   f"{s['images_per_s']:.1f} | {s['speedup_vs_torch']:.2f}x |" for b, s in report["speed"].items()]
     lines += _blocks_lines(report.get("blocks"))
     if report.get("notes"):
@@ -108,9 +98,9 @@ def verdicts(report):
     lines = []
     for backend, r in report.get("parity", {}).items():
         if "skipped" in r:
-            lines.append(f"- {_label(backend)}: not run ({r['skipped']})")
+            lines.append(f"- {backend_label(backend)}: not run ({r['skipped']})")
             continue
-        lines.append(f"- {_label(backend)} ({r['precision']}): {'pass' if r['pass'] else '**FAIL**'}, "
+        lines.append(f"- {backend_label(backend)} ({r['precision']}): {'pass' if r['pass'] else '**FAIL**'}, "
                      f"{_deciding(r)}")
     if "int8" in report and "drop_points" in report["int8"]:
         i8 = report["int8"]
@@ -165,45 +155,6 @@ def _blocks_lines(blocks):
             f"(convolutions and matmuls, of the reference model), parameters {blocks['total_params'] / 1e6:.2f} M.",
             "", total, "", *head, *rows("attention"), "", "![time vs FLOPs per layer](blocks.png)", "",
             "<details><summary>Every layer</summary>", "", *head, *rows("layer"), "", "</details>"]
-
-
-def bench_markdown(result):
-    t = result["threads"]
-    lines = [f"# Benchmark: ONNX Runtime CPU, {result['imgsz'][0]}x{result['imgsz'][1]}, batch {result['batch']}", "",
-             f"- {result['rounds']} interleaved rounds of {result['iterations_per_round']} calls per model after "
-             f"{result['warmup']} warm-up calls; per model the median of each round, then min / median / max across "
-             f"rounds. Time over first is paired: each round's median over the first model's median in the same round, "
-             f"median across rounds (IQR beside it); the min- and median-based ratios are in bench.json.",
-             f"- Threads: onnxruntime {t['onnxruntime_intra_op_threads']}, torch {t['torch_threads']}, "
-             f"{t['cpu_count']} CPUs. Input: {result['input']}.",
-             "- FLOPs: convolutions and matmuls of each reference model (torch FlopCounterMode). Bound: time over "
-             "first <= max(1.5 x FLOPs over first, FLOPs over first + 2 points).", "",
-             "| model | precision | min ms | median ms | max ms | time over first (IQR of rounds) | GFLOPs | FLOPs over "
-             "first | bound | within |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        flops = f"{r['flops'] / 1e9:.2f}" if r["flops"] else "n/a"
-        bound = (f"{r['flops_over_first']:+.1%} | {r['time_bound']:.1%} | "
-                 f"{'yes' if r['within_bound'] else '**no**'}") if "flops_over_first" in r else "n/a | | "
-        lines.append(f"| {r['model']} | {r['precision']} | {r['min_ms']:.2f} | {r['median_ms']:.2f} | "
-                     f"{r['max_ms']:.2f} | {r['time_over_first']:+.1%} ({r['time_over_first_iqr'][0]:+.1%} .. "
-                     f"{r['time_over_first_iqr'][1]:+.1%}) | {flops} | {bound} |")
-    lines += ["", "## Where the time goes (fp32, ONNX Runtime profile)", "",
-              "| model | attention blocks | their ms | share of time | share of FLOPs | share of params |",
-              "|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        b = r["blocks"]
-        if r["precision"] != "fp32" or not b:
-            continue
-        att = [x for x in b["rows"] if x["kind"] == "attention"]
-        lines.append(f"| {r['model']} | {len(att)} | {sum(x['ms'] for x in att):.2f} | "
-                     f"{sum(x['time_share'] for x in att):.1%} | {sum(x['flop_share'] for x in att):.1%} | "
-                     f"{sum(x['param_share'] for x in att):.1%} |")
-    return "\n".join(lines + ["", "![time and FLOPs over the first model](bench.png)", ""])
-
-
-def _label(backend):
-    base, _, precision = backend.partition("_")
-    return BACKEND_LABEL.get(base, base) + (f" ({precision} file)" if precision else "")
 
 
 def _as_written_lines(blocks):
@@ -268,152 +219,3 @@ def _accuracy_lines(acc):
 
 def _skipped(info):
     return f"not built ({info['skipped']})" if isinstance(info, dict) and "skipped" in info else "not requested"
-
-
-def _plot(samples, speed, path):
-    plt = _pyplot()
-    panels = 2 if speed and any(samples.values()) else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
-    if any(samples.values()):
-        _plot_errors(axes[0][0], samples)
-    if speed:
-        _plot_speed(axes[0][-1], speed)
-    _save(fig, path)
-
-
-def _plot_errors(ax_err, samples):
-    for backend, values in samples.items():
-        if values:
-            logs = [math.log10(v) if v > 0 else -12 for v in values]
-            ax_err.hist(logs, bins=60, histtype="step", label=BACKEND_LABEL.get(backend, backend))
-    ax_err.set(title="|backend - PyTorch| per output value", xlabel="log10 |difference| (exact matches at -12)",
-               ylabel="count")
-    ax_err.legend()
-
-
-def _plot_speed(ax_speed, speed):
-    names = list(speed)
-    median = [speed[n]["median_ms"] for n in names]
-    spread = [[m - speed[n]["min_ms"] for n, m in zip(names, median)],
-              [speed[n]["max_ms"] - m for n, m in zip(names, median)]]
-    ax_speed.bar(names, median, yerr=spread, capsize=4)
-    ax_speed.set(title="latency per call (median of round medians, bar: min to max)", ylabel="ms")
-
-
-def _plot_detections(images, pictured, labels, names, path):
-    """One row per parity image, one column per backend: boxes with class and confidence (ultralytics'
-    Annotator), the disagreements with PyTorch marked, and a one-line count per panel."""
-    from ultralytics.utils.plotting import Annotator, colors
-
-    from export.parity import disagreements
-
-    plt = _pyplot()
-    backends = [b for b, d in pictured.items() if d and b != "torch"]  # the twin in PyTorch: parity's table
-    reference = next(d for d in pictured.values() if d)["reference"]
-    rows = min(len(images), len(reference))
-    fig, axes = plt.subplots(rows, 1 + len(backends), figsize=(3.3 * (1 + len(backends)), 3.5 * rows), squeeze=False)
-    for i in range(rows):
-        picture = np.ascontiguousarray((images[i].transpose(1, 2, 0) * 255).astype(np.uint8))  # RGB
-        panels = [("PyTorch (reference)", reference[i], None)]
-        panels += [(labels[b], pictured[b]["backend"][i], disagreements(reference[i], pictured[b]["backend"][i]))
-                   for b in backends]
-        for ax, (title, dets, diff) in zip(axes[i], panels):
-            ann = Annotator(picture.copy(), line_width=1, example=str(names))
-            _draw(ann, dets, reference[i], diff, names, colors)
-            count = f"{len(dets)} boxes" + (f"; {len(diff['missed'])} missed, {len(diff['extra'])} extra, "
-                                            f"{len(diff['flips'])} flips" if diff else "")
-            ax.imshow(ann.result())
-            ax.set_title(f"{title}\n{count}", fontsize=8)
-            ax.set_axis_off()
-    _save(fig, path)
-
-
-MISSED, WRONG = (255, 0, 255), (255, 0, 0)  # RGB: magenta for a missed box, red for an extra or flipped one
-
-
-def _draw(ann, dets, reference, diff, names, colors):
-    flagged = set(diff["extra"]) | {d for _, d in diff["flips"]} if diff else set()
-    for k, box in enumerate(dets):
-        cls = int(box[5])
-        label = f"{names.get(cls, names.get(str(cls), cls))} {box[4]:.2f}"
-        if k in flagged:
-            label = ("EXTRA " if k in diff["extra"] else "FLIP ") + label
-        ann.box_label(box[:4], label, color=WRONG if k in flagged else colors(cls, False))
-    for g in diff["missed"] if diff else []:
-        cls = int(reference[g][5])
-        ann.box_label(reference[g][:4], f"MISSED {names.get(cls, names.get(str(cls), cls))}", color=MISSED)
-
-
-def _plot_block_errors(report, path):
-    """Each rewritten block's twin-vs-reference error and, when localisation ran, its error in the backend."""
-    plt = _pyplot()
-    names = [m["name"] for m in report["modules"]]
-    located = report.get("localization", {}).get("block_errors", {})
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.6))
-    y = np.arange(len(names))
-    ax.barh(y - (0.2 if located else 0), [max(m["rel"], 1e-12) for m in report["modules"]], height=0.4,
-            label="export twin vs reference (PyTorch, fp32)")
-    if located:
-        backend = report["localization"]["backend"]
-        ax.barh(y + 0.2, [max(located.get(n, 0), 1e-12) for n in names], height=0.4,
-                label=f"{_label(backend)} vs reference")
-    ax.set_xscale("log")
-    ax.set_yticks(y, names, fontsize=8)
-    ax.invert_yaxis()
-    ax.set(xlabel="max abs difference / output scale of the block", title="Where the error lives, per block")
-    ax.legend(fontsize=8)
-    _save(fig, path)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path):
-    import io
-
-    plt = _pyplot()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-
-
-def _plot_blocks(blocks, path):
-    """Per top-level layer: share of kernel time beside share of FLOPs; layers holding attention starred."""
-    plt = _pyplot()
-    layers = [r for r in blocks["rows"] if r["kind"] == "layer"]
-    labels = [f"{r['module']} {r['type']}{' *' if r['contains_attention'] else ''}" for r in layers]
-    y = range(len(layers))
-    fig, ax = plt.subplots(figsize=(8, 0.28 * len(layers) + 1.5))
-    ax.barh([i - 0.2 for i in y], [100 * r["time_share"] for r in layers], height=0.4, label="share of time")
-    ax.barh([i + 0.2 for i in y], [100 * r["flop_share"] for r in layers], height=0.4, label="share of FLOPs")
-    ax.set_yticks(list(y), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set(xlabel="% of the model", title="Where the time goes (ONNX Runtime profile; * holds attention)")
-    ax.legend()
-    _save(fig, path)
-
-
-def _plot_bench(result, path):
-    plt = _pyplot()
-    rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) + 2), 4))
-    x = range(len(rows))
-    iqr = [[100 * (r["time_over_first"] - r["time_over_first_iqr"][0]) for r in rows],
-           [100 * (r["time_over_first_iqr"][1] - r["time_over_first"]) for r in rows]]
-    ax.bar([i - 0.2 for i in x], [100 * r["time_over_first"] for r in rows], width=0.4, yerr=iqr, capsize=3,
-           label="time over first (bar: IQR of rounds)")
-    ax.bar([i + 0.2 for i in x], [100 * r.get("flops_over_first", 0) for r in rows], width=0.4,
-           label="FLOPs over first")
-    ax.set_xticks(list(x), [f"{r['model']}\n{r['precision']}" for r in rows], fontsize=8)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set(ylabel="% over the first model", title="ONNX Runtime CPU, paired per-round ratios (median)")
-    ax.legend()
-    _save(fig, path)

@@ -1,9 +1,9 @@
 """Load any YOLO best.pt (stock, fork-trained or hostile) safely, without the fork it was trained in.
 
-    loaded = export.load("best.pt")   # -> LoadedCheckpoint(model=..., names=..., remapped=..., ...)
+    loaded = load("best.pt")   # -> LoadedCheckpoint(model=..., names=..., remapped=..., ...)
 
-The file is read by our own zip reader (export.torch_zip) and gated unpickler (export.safe_pickle),
-never by torch.load; what they build is validated as a whole (export.object_graph) before any method
+The file is read by our own zip reader (torch_zip) and gated unpickler (safe_pickle),
+never by torch.load; what they build is validated as a whole (object_graph) before any method
 is called on it. Every refusal is a CheckpointError: one line saying what is wrong and what to do;
 the CLI maps it to exit code 2. The input file is only ever read.
 """
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from export import object_graph, user_code
-from export.safe_pickle import Refused, UnpickleLog, unpickle
-from export.torch_zip import NotTorchZip, open_torch_zip
+from export.checkpoint import object_graph, user_code
+from export.checkpoint.safe_pickle import Refused, UnpickleLog, unpickle
+from export.checkpoint.torch_zip import NotTorchZip, open_torch_zip
+from export.errors import BadInput
 
-EXIT_BAD_INPUT = 2
 NOT_WEIGHTS = {".onnx": "an ONNX model", ".engine": "a TensorRT engine", ".plan": "a TensorRT engine",
                ".trt": "a TensorRT engine", ".torchscript": "a TorchScript archive"}
 FAMILY_HINT = ("the exporter knows FLA, MLLA, STA and S2; to add a family, write its reference and export twin in "
@@ -33,14 +33,12 @@ UNREADABLE = (pickle.UnpicklingError, EOFError, struct.error, UnicodeDecodeError
               RuntimeError, AssertionError, NotImplementedError, ZeroDivisionError, ImportError)
 
 
-class CheckpointError(Exception):
+class CheckpointError(BadInput):
     """A checkpoint we will not load; str(e) is the one-line message for the user."""
-
-    exit_code = EXIT_BAD_INPUT
 
 
 CODE_HINT = ("to export them as written, pass --code <your fork's root folder>: it imports those classes from your "
-             "fork's files (this runs your code; see the README's trust model)")
+             "fork's files (this runs your code; see the trust model in docs/checkpoints.md)")
 
 
 class UnknownBlocksError(CheckpointError):
@@ -63,7 +61,7 @@ class LoadedCheckpoint:
     saved_half: bool
     remapped: dict = field(default_factory=dict)  # fork class path -> our class path
     user_code: dict = field(default_factory=dict)  # --code: pickled class path -> the fork file it was imported from
-    kind: str = "ultralytics"  # or "yolov5": a YOLOv5-repository checkpoint (export.kinds)
+    kind: str = "ultralytics"  # or "yolov5": a YOLOv5-repository checkpoint (kinds.py)
 
 
 def load(path, code=()):

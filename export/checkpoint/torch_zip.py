@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from export.safe_pickle import ExpansionBudget, LoadedStorage, Refused
+from export.checkpoint.safe_pickle import ExpansionBudget, LoadedStorage, Refused
 
 MAX_ENTRIES = 100_000
 MAX_PICKLE_BYTES = 16 << 20  # a YOLO data.pkl is 0.1-0.2 MB (yolov8n): the weights live in the storage records

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.safe_pickle import (NAMESPACES, TABLE_MODULE_TYPES, TABLE_PLAIN_TYPES, Refused, Unknown,
+from export.checkpoint.safe_pickle import (NAMESPACES, TABLE_MODULE_TYPES, TABLE_PLAIN_TYPES, Refused, Unknown,
                                 _check_state_keys, plain_key)
 
 MAX_DEPTH = 100  # nesting of containers and modules; deeper structures break recursive library code
@@ -38,7 +38,7 @@ class GraphReport:
 
 
 def validate(root, user_types=frozenset()):
-    """Refuse (export.safe_pickle.Refused) unless `root` is inert data and allowlisted modules (`user_types`: module
+    """Refuse (safe_pickle.Refused) unless `root` is inert data and allowlisted modules (`user_types`: module
     classes imported by --code for this run, checked as table modules are)."""
     report = GraphReport()
     _Walk(report, frozenset(user_types)).run(root)

@@ -14,7 +14,7 @@ BUILD applies only to instances this unpickler just created from a table class (
 with a dict of plain identifier keys that neither are dunders nor shadow the class's methods or
 properties; it is a dict update (nn.Module's own __setstate__ is one), never the class's own
 `__setstate__`. SETITEM(S)/APPEND(S)/ADDITEMS only fill exact dicts, lists and sets.
-What the pickle builds is then validated as a whole by export.object_graph before any method is called.
+What the pickle builds is then validated as a whole by export.checkpoint.object_graph before any method is called.
 """
 
 import _compat_pickle
@@ -576,7 +576,7 @@ class GatedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: every opc
             return Op(RECONSTRUCTOR, None)
         if module in ("torch", "torch.cuda") and name in STORAGE_DTYPES:
             return StorageType(name, STORAGE_DTYPES[name])
-        if qual in self.log.user_classes:  # resolved by export.user_code from the user's --code folder
+        if qual in self.log.user_classes:  # resolved by export.checkpoint.user_code from the user's --code folder
             return self.log.user_classes[qual]
         family = FAMILY_CLASSES.get(name)
         if family is not None and module.split(".")[0] not in LIBRARY_ROOTS:

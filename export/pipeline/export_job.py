@@ -1,0 +1,442 @@
+"""`python -m export`: checkpoint -> graph -> engine -> verify -> report.
+
+`run(args)` calls one function per stage in order; each returns a small typed result (the dataclasses below)
+and prints its one-line outcome. The report is assembled from those results at the end (`assemble_report`),
+so no stage writes into another's output. Family specifics reach this job only through the family registry
+(`models`), checkpoint-kind specifics only through `Kind`.
+"""
+
+import functools
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+from tqdm import tqdm
+
+import models
+import plugins
+from calib.demo import demo_dataset
+from calib.int8 import Int8Job, make_int8
+from calib.rules import blocks as int8_blocks
+from calib.rules import fp32_islands
+from calib.source import calibration_files
+from export.checkpoint import kinds, load
+from export.checkpoint.user_code import pickled_name
+from export.engine.build import BuildFailed, BuildUnavailable, build_engine
+from export.errors import EXIT_OK, EXIT_VERDICT_FAILED, BadInput, StageFailed
+from export.graph import generic
+from export.graph.lint import lint
+from export.graph.lint import summary as lint_summary
+from export.graph.onnx_passes import node_scope
+from export.graph.rewrite import outermost_user_blocks, rewrite
+from export.graph.to_onnx import export_yolo
+from export.inputs.images import parse_imgsz, read_images, tile
+from export.report.export_report import write_report
+from export.verify.accuracy import LabelledMAP
+from export.verify.localize import localize
+from export.verify.parity import MAX_PICTURED, compare
+from export.verify.profile import module_costs, where_time_goes
+from export.verify.runners import OrtRunner, TorchRunner, TrtRunner, engine_runtime
+from export.verify.timing import DEFAULT_WARMUP, Fresh, interleaved, paired_ratios, thread_settings
+
+AS_WRITTEN = "no export twin: exported as written"
+
+
+# ---- the typed results the stages hand on --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """Which ONNX files the run writes and which one is primary (the engine's, else the most reduced)."""
+    files: tuple  # precisions, e.g. ("fp32", "fp16", "int8")
+    primary: str
+
+    @property
+    def float_files(self):
+        return tuple(p for p in self.files if p != "int8")
+
+    def backend_key(self, precision):
+        """Report key of the ONNX Runtime run of a file: `onnxruntime` for the primary one, else onnxruntime_<p>."""
+        return "onnxruntime" if precision == self.primary else f"onnxruntime_{precision}"
+
+
+@dataclass
+class Inputs:
+    """The checkpoint and everything the user handed us with it, read and checked before any work."""
+    loaded: object  # LoadedCheckpoint
+    kind: kinds.Kind
+    imgsz: tuple
+    images: object  # (N,3,H,W) float tensor, letterboxed
+    accuracy: object  # LabelledMAP on --data (or the demo dataset), None without labelled data
+    calibration: tuple  # (image files, source description) when the run makes an int8 file, else None
+    out: Path
+
+
+@dataclass
+class Rewritten:
+    twin: torch.nn.Module  # export twins in place of every family block
+    checks: list  # ModuleCheck per replaced block
+    user_blocks: dict  # --code blocks: {module path: {"class", "file", "export", "rewrites"}}
+    plugin_blocks: int  # blocks whose ops became yolo_attn custom ops (--plugins)
+
+
+@dataclass
+class Exported:
+    files: dict  # precision -> ONNX path ("int8" added by the int8 stage)
+    plugins: dict = None  # --plugins: custom-op nodes and their functions
+
+
+@dataclass
+class Engine:
+    path: Path
+    build: dict  # build_engine's record: backend, version, precision, profile, seconds, notes
+
+
+@dataclass
+class Verified:
+    parity: dict = field(default_factory=dict)  # backend -> metrics and verdict, or {"skipped": reason}
+    localization: dict = None
+    images: object = None  # the parity images pictured in detections.png
+    accuracy: dict = None
+    speed: dict = None
+    bench: dict = None
+    blocks: dict = None
+
+
+# ---- the job ---------------------------------------------------------------------------------------------------
+def run(args):
+    """The main job; returns its exit code (0, or 4 when a verdict failed). Raises BadInput / StageFailed."""
+    plan = make_plan(args)
+    inputs = read_inputs(args, plan)
+    rewritten = rewrite_blocks(args, inputs)
+    inputs.out.mkdir(parents=True, exist_ok=True)
+    exported = export_onnx(args, plan, inputs, rewritten)
+    int8 = quantize(args, inputs, rewritten, exported) if inputs.calibration else None
+    findings = lint_files(exported.files, args.dynamic)
+    engine = build(args, inputs, exported) if args.engine else None
+    verified = verify(args, plan, inputs, rewritten, exported, engine)
+    report = assemble_report(args, plan, inputs, rewritten, exported, int8, findings, engine, verified)
+    return finish(report, inputs.out)
+
+
+def make_plan(args):
+    int8 = args.int8 or args.engine == "int8"
+    half = args.half or args.engine == "fp16"
+    files = ("fp32", "fp16", "int8") if int8 else ("fp16",) if half else ("fp32",)
+    return Plan(files, args.engine or ("int8" if int8 else "fp16" if half else "fp32"))
+
+
+def read_inputs(args, plan):
+    loaded = load(args.weights, code=args.code)
+    imgsz = parse_imgsz(args.imgsz if args.imgsz is not None else loaded.imgsz or 640, max(loaded.stride))
+    images = read_images(args.images, imgsz)
+    data = _labelled_data(args, plan)
+    kind = kinds.of(loaded)
+    accuracy = LabelledMAP(data, imgsz, args.batch, kind.to_v8_layout, loaded.names) if data else None
+    calibration = calibration_files(args.calib, data, args.calib_n) if "int8" in plan.files else None
+    say(f"loaded {args.weights}: {kind.label} ({loaded.source}, {'fp16' if loaded.saved_half else 'fp32'} weights, "
+        f"{loaded.nc} classes)" + (f"; remapped {len(loaded.remapped)} classes" if loaded.remapped else ""))
+    for path, ours in loaded.remapped.items():
+        say(f"  {path} -> {ours}")
+    for file in dict.fromkeys(loaded.user_code.values()):
+        classes = ", ".join(q.rpartition(".")[2] for q, f in loaded.user_code.items() if f == file)
+        say(f"  --code: imported {classes} from {file}")
+    out = args.out or Path("runs") / "export" / args.weights.stem
+    return Inputs(loaded, kind, imgsz, images, accuracy, calibration, out)
+
+
+def _labelled_data(args, plan):
+    """--data, else the demo dataset when an int8 run on a shipped demo model has no other calibration source."""
+    if args.data is not None:
+        return args.data
+    if "int8" in plan.files and args.calib is None and _is_demo(args.weights):
+        data = demo_dataset()
+        say(f"demo dataset: {data.parent} (calibration: train split, accuracy: val split)")
+        return data
+    return None
+
+
+def _is_demo(weights):
+    try:
+        return Path(weights).resolve().parent == models.DEMO_DIR.resolve()
+    except OSError:
+        return False
+
+
+# ---- graph -----------------------------------------------------------------------------------------------------
+def rewrite_blocks(args, inputs):
+    """Export twins for the family blocks (each checked on its real input), the --code blocks as written."""
+    twin, checks = rewrite(inputs.loaded.model, inputs.imgsz, images=inputs.images[:1])
+    user_blocks = _as_written(twin, inputs.loaded)
+    _check_excludes(twin, args.int8_exclude, inputs.kind)
+    plugin_blocks = plugins.apply(twin) if args.plugins else 0
+    for c in checks:
+        say(f"  {c.name}: {c.reference} -> {c.twin}, max abs diff {c.max_abs:.3g} ({c.rel:.2g} of scale)"
+            + (f"; note: {c.note}" if c.note else ""))
+    return Rewritten(twin, checks, user_blocks, plugin_blocks)
+
+
+def _as_written(twin, loaded):
+    """{module path: report entry} for the --code blocks, which have no export twin."""
+    blocks = {}
+    for name in outermost_user_blocks(twin):
+        cls = type(twin.get_submodule(name))
+        qual = pickled_name(cls)
+        blocks[name] = {"class": qual, "file": loaded.user_code.get(qual, ""), "export": AS_WRITTEN, "rewrites": []}
+        say(f"  {name}: {cls.__name__}: {AS_WRITTEN}")
+    return blocks
+
+
+def _check_excludes(model, names, kind):
+    known = {n for n, _ in model.named_modules() if n}
+    for name in names:
+        if name not in known:
+            example = ", ".join(b.path for b in int8_blocks(model, kind)[:3])
+            raise BadInput(f"--int8-exclude {name}: no such module in the model; use module paths such as "
+                           f"{example}")
+
+
+def export_onnx(args, plan, inputs, rewritten):
+    """The fp32 / fp16 ONNX files; the --code blocks go through the generic rewrites (recorded per block)."""
+    files, user_blocks = {}, rewritten.user_blocks
+    sources = generic.block_source_files(rewritten.twin, list(user_blocks))
+    for precision in plan.float_files:
+        path = inputs.out / f"{args.weights.stem}{'' if precision == 'fp32' else '_' + precision}.onnx"
+        log = {}
+        with generic.exportable_calls(rewritten.twin, list(user_blocks)) as used:
+            _stage("ONNX export", lambda: export_yolo(
+                rewritten.twin, inputs.loaded, path, inputs.imgsz, batch=args.batch, dynamic=args.dynamic,
+                half=precision == "fp16", opset=args.opset, simplify=not args.no_simplify, verbose=args.verbose,
+                log=log))
+        say(f"wrote {path}")
+        files[precision] = path
+        for block, records in generic.per_block(sources, used, log["tracer_warnings"], log["slice_writes"]).items():
+            for r in records:
+                if r not in user_blocks[block]["rewrites"]:
+                    user_blocks[block]["rewrites"].append(r)
+                    say(f"  {block}: {r['rewrite']}: {r['detail']}")
+    return Exported(files, _plugin_summary(files[plan.float_files[0]], rewritten.plugin_blocks) if args.plugins
+                    else None)
+
+
+def _plugin_summary(path, blocks):
+    proto = onnx.load(str(path))
+    nodes = [n.op_type for n in proto.graph.node if n.domain == plugins.DOMAIN]
+    summary = {"blocks": blocks, "nodes": len(nodes), "ops": {op: nodes.count(op) for op in sorted(set(nodes))},
+               "functions": sorted(f.name for f in proto.functions)}
+    say(f"plugins: {summary['nodes']} custom-op nodes in {blocks} blocks, backed by local functions "
+        f"{summary['functions']}" if blocks else
+        "plugins: no block of this model has a custom op (STA and S2 do); exported with standard ops")
+    return summary
+
+
+def quantize(args, inputs, rewritten, exported):
+    """The int8 QDQ file (adds exported.files["int8"]); its accuracy drop measured when labelled data is given."""
+    files = exported.files
+    files["int8"] = inputs.out / f"{args.weights.stem}_int8.onnx"
+    calib_files, source = inputs.calibration
+    job = Int8Job(files["fp32"], files["int8"], inputs.loaded.model, inputs.kind, calib_files, source, inputs.imgsz,
+                  args.batch, args.calib_method, list(args.int8_exclude), args.int8_tolerance)
+    say(f"int8: calibrating on {len(calib_files)} images ({source}, method {args.calib_method})")
+    accuracy = inputs.accuracy
+    if accuracy:
+        reference_map = accuracy.of({"onnxruntime fp32": OrtRunner(files["fp32"])})["onnxruntime fp32"]["map50_95"]
+        section = _stage("INT8 quantization", lambda: make_int8(
+            job, evaluate=lambda path: accuracy.measure({"trial": OrtRunner(path)})["trial"]["map50_95"],
+            reference_map=reference_map))
+    else:
+        section = _stage("INT8 quantization", lambda: make_int8(job))
+    say(f"wrote {files['int8']}: {section['quantized_nodes']} int8 nodes, {section['float_nodes']} kept float"
+        + (f", float blocks {section['float_blocks']}" if section["float_blocks"] else ""))
+    if "drop_points" in section:
+        say(f"int8 mAP50-95 {section['map50_95_int8']:.4f} vs fp32 {section['map50_95_fp32']:.4f}: drop "
+            f"{section['drop_points']:.2f} points (tolerance {args.int8_tolerance}) -> "
+            f"{'pass' if section['pass'] else 'FAIL'}")
+    else:
+        section["note"] = "no labelled data (--data): the int8 accuracy drop was not measured"
+        say(f"int8: {section['note']}")
+    return section
+
+
+def lint_files(files, dynamic):
+    """Lint findings of every file, each tagged with its file's precision and the block its node belongs to."""
+    found = []
+    for precision, path in files.items():
+        findings = lint(onnx.load(str(path)), dynamic=dynamic)
+        say(f"lint {path.name}: {lint_summary(findings)}")
+        for f in findings:
+            say(f"  {f['severity']}: {f['message']} ({f['node']})")
+            found.append({**f, "onnx": precision, "block": node_scope(f["node"])})
+    return found
+
+
+# ---- engine ----------------------------------------------------------------------------------------------------
+def build(args, inputs, exported):
+    precision, files = args.engine, exported.files
+    onnx_path = files[precision]
+    engine_path = inputs.out / f"{onnx_path.stem}.engine"
+    islands = fp32_islands(onnx.load(str(files["fp16"]))) if precision == "int8" else ()
+    info = _stage("TensorRT build", lambda: build_engine(
+        onnx_path, engine_path, precision=precision, imgsz=inputs.imgsz, batch=args.batch, dynamic=args.dynamic,
+        workspace_gib=args.workspace, metadata=_engine_metadata(args, inputs, precision), plugins=args.plugins,
+        fp32_layers=islands, verbose=args.verbose))
+    say(f"wrote {engine_path} ({info['backend']} {info['tensorrt_version']}, {info['build_s']} s) "
+        f"and {engine_path.name}.json")
+    if info.get("int8"):
+        say(f"  note: {info['int8']}")
+    return Engine(engine_path, info)
+
+
+def _engine_metadata(args, inputs, precision):
+    loaded = inputs.loaded
+    return {"weights": str(args.weights), "names": loaded.names, "stride": max(loaded.stride),
+            "imgsz": list(inputs.imgsz), "batch": args.batch, "task": loaded.task, "precision": precision,
+            "dynamic": args.dynamic, "input": "images float32 [0,1] NCHW", "output": inputs.kind.output_layout}
+
+
+# ---- verify ----------------------------------------------------------------------------------------------------
+def verify(args, plan, inputs, rewritten, exported, engine):
+    """Parity of every backend against PyTorch, labelled accuracy, speed: whatever the arguments ask for."""
+    verified = Verified()
+    runners = _runners(inputs, rewritten.twin, plan, exported.files, engine, verified.parity)
+    precisions = precision_of(plan, engine)
+    batch_images = tile(inputs.images, args.batch)
+    if not args.no_parity:
+        _parity(verified, runners, batch_images, precisions, args.batch, inputs, rewritten)
+    if inputs.accuracy:
+        scored = {b: r for b, r in runners.items() if b != "torch"}  # the twin in PyTorch: parity covers it
+        verified.accuracy = inputs.accuracy.table(scored, precisions)
+        for row in verified.accuracy["models"]:
+            say(f"mAP {row['backend']} {row['precision']}: mAP50 {row['map50']:.4f}, mAP50-95 "
+                f"{row['map50_95']:.4f} ({row['images']} images, {row['instances']} labels)")
+    if args.bench:
+        _bench(verified, args, runners, batch_images[:args.batch], exported.files[plan.primary], inputs.imgsz)
+    return verified
+
+
+def precision_of(plan, engine):
+    """Backend key -> the precision it runs."""
+    keys = {plan.backend_key(p): p for p in plan.files}
+    return {"reference": "fp32", "torch": "fp32", **keys, "tensorrt": engine.build.get("precision") if engine else None}
+
+
+def _runners(inputs, twin, plan, files, engine, parity):
+    """reference (the checkpoint's own modules), torch (export twin), one ONNX Runtime runner per file, TensorRT.
+    An engine that cannot run here is recorded in `parity` as skipped, with the reason."""
+    reference = models.reference_at(inputs.loaded.model, *inputs.imgsz)
+    runners = {"reference": TorchRunner(reference), "torch": TorchRunner(twin)}
+    runners.update({plan.backend_key(p): OrtRunner(path) for p, path in files.items()})
+    if engine:
+        trt, reason = engine_runtime()
+        if trt is None:
+            parity["tensorrt"] = {"skipped": reason}
+        else:
+            runners["tensorrt"] = TrtRunner(engine.path, trt)
+    return runners
+
+
+def _parity(verified, runners, images, precisions, batch, inputs, rewritten):
+    reference = runners["reference"]
+    verified.images = images[:MAX_PICTURED]
+    for backend in tqdm([b for b in runners if b != "reference"], desc="parity", leave=False, disable=None):
+        wanted = precisions[backend]
+        r = verified.parity[backend] = compare(reference, runners[backend], images, wanted, batch,
+                                               inputs.kind.to_v8_layout)
+        r["precision"] = wanted
+        say(f"parity {backend} ({wanted}): max abs {r['max_abs']:.3g}, cosine {r['cosine']:.7f}, box recall "
+            f"{r['box_recall']:.3f}, precision {r['box_precision']:.3f}, mAP50-95 {r['map50_95']:.3f} -> "
+            f"{'pass' if r['pass'] else 'FAIL'}")
+    failed_float = [b for b in runners if b.startswith("onnxruntime") and precisions[b] != "int8"
+                    and verified.parity[b]["pass"] is False]
+    if failed_float:
+        precision = precisions[failed_float[0]]
+        twin, user_blocks = rewritten.twin, list(rewritten.user_blocks)
+        with tempfile.TemporaryDirectory() as tmp:
+            with generic.exportable_calls(twin, user_blocks):  # as the export traced them
+                first, errors = localize(reference.model, twin, images, precision == "fp16", tmp, precision)
+        verified.localization = {"backend": failed_float[0], "first_divergent_block": first, "block_errors": errors}
+        say(f"localization: first diverging block in ONNX Runtime: {first}")
+
+
+def _bench(verified, args, runners, images, onnx_path, imgsz):
+    """Interleaved timing of every backend, then where the time goes in the primary ONNX (ORT profile vs FLOPs)."""
+    timed = {"torch" if b == "reference" else b: Fresh(functools.partial(OrtRunner, r.path)) if isinstance(r, OrtRunner)
+             else r for b, r in runners.items() if b != "torch"}  # the twin in PyTorch times like the reference
+    verified.speed = interleaved(timed, images, args.bench, args.bench_rounds)
+    verified.bench = {"threads": thread_settings(torch.get_num_threads()), "rounds": args.bench_rounds,
+                      "iterations_per_round": args.bench, "warmup": DEFAULT_WARMUP, "batch": len(images)}
+    base = verified.speed["torch"]
+    for backend, s in verified.speed.items():
+        s["speedup_vs_torch"] = statistics.median(paired_ratios(base, s))  # per round, then the median
+        say(f"speed {backend}: median {s['median_ms']:.2f} ms (rounds {s['min_ms']:.2f}-{s['max_ms']:.2f}), "
+            f"{s['images_per_s']:.1f} images/s, {s['speedup_vs_torch']:.2f}x PyTorch eager")
+    reference = runners["reference"].model
+    blocks = where_time_goes(onnx_path, images, torch.get_num_threads(), reference,
+                             module_costs(reference, imgsz, len(images)))
+    verified.blocks = {"onnx": onnx_path.name, **blocks}
+    for r in blocks["rows"]:
+        if r["kind"] == "attention":
+            say(f"  {r['module']} {r['type']}: {r['ms']:.2f} ms, {r['time_share']:.1%} of the time, "
+                f"{r['flop_share']:.1%} of the FLOPs")
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
+def assemble_report(args, plan, inputs, rewritten, exported, int8, lint_findings, engine, verified):
+    """The report (report.json's schema, docs/report-format.md) from the stages' results."""
+    loaded, checks = inputs.loaded, rewritten.checks
+    report = {"weights": str(args.weights), "onnx": str(exported.files[plan.primary]),
+              "onnx_files": {p: str(f) for p, f in exported.files.items()},
+              "engine": str(engine.path) if engine else None, "imgsz": list(inputs.imgsz), "batch": args.batch,
+              "dynamic": args.dynamic, "precision": plan.primary, "lint": lint_findings,
+              "modules": [c.as_dict() for c in checks], "parity": verified.parity, "speed": verified.speed or {},
+              "notes": _notes(checks),
+              "checkpoint": {"kind": loaded.kind, "source": loaded.source, "saved_half": loaded.saved_half,
+                             "remapped": loaded.remapped, "names": loaded.names, "nc": loaded.nc,
+                             "stride": loaded.stride, "train_imgsz": loaded.imgsz}}
+    optional = {"user_blocks": rewritten.user_blocks or None,
+                "user_code": loaded.user_code if rewritten.user_blocks else None, "plugins": exported.plugins,
+                "int8": int8, "engine_build": engine.build if engine else None,
+                "localization": verified.localization, "accuracy": verified.accuracy, "bench": verified.bench,
+                "blocks": verified.blocks}
+    report.update({key: value for key, value in optional.items() if value is not None})
+    if verified.images is not None:
+        report["_images"] = verified.images  # drawn in detections.png, not written to report.json
+    return report
+
+
+def _notes(checks):
+    notes = ["PyTorch reference: the checkpoint's own modules (reference twins), fp32 on CPU."]
+    notes += sorted({c.note for c in checks if c.note})
+    return notes
+
+
+def finish(report, out):
+    """Write the report; the exit code says whether every verdict passed."""
+    failed = [b for b, r in report["parity"].items() if r.get("pass") is False]
+    if report.get("int8", {}).get("pass") is False:
+        failed.append("int8 accuracy")
+    report["exit_code"] = EXIT_VERDICT_FAILED if failed else EXIT_OK
+    write_report(report, out)
+    say(f"wrote {out / 'report.json'}, report.md" + "".join(f", {p}" for p in report["pictures"]))
+    if failed:
+        print(f"error: {', '.join(failed)} failed (see {out / 'report.md'})", file=sys.stderr)
+    return report["exit_code"]
+
+
+# ---- console and stage failures ---------------------------------------------------------------------------------
+def say(text):
+    tqdm.write(text)  # keeps progress bars and messages on separate lines
+
+
+def _stage(name, fn):
+    try:
+        return fn()
+    except (BuildUnavailable, BuildFailed) as e:
+        raise StageFailed(f"{name} failed: {e}") from e
+    except BadInput:  # bad input found while working (an unreadable calibration image): exit 2
+        raise
+    except Exception as e:  # the stage's own failure, reported in one line with exit code 3
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise StageFailed(f"{name} failed: {type(e).__name__}: {detail}") from e

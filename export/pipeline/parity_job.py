@@ -1,0 +1,49 @@
+"""`python -m export parity`: an ONNX file (and engine) that `python -m export` wrote, against its checkpoint.
+
+    python -m export parity --weights best.pt --onnx runs/export/best/best.onnx [--engine E] [--bench 30]
+
+The image size, batch and precision come from the ONNX file's metadata; the verdict is the main job's.
+Prints the results as JSON.
+"""
+
+import ast
+import json
+
+import models
+from export.checkpoint import kinds, load
+from export.errors import EXIT_OK, EXIT_VERDICT_FAILED
+from export.graph.to_onnx import onnx_metadata, onnx_precision
+from export.inputs.images import read_images, tile
+from export.verify.parity import compare
+from export.verify.runners import OrtRunner, TorchRunner, TrtRunner, engine_runtime
+from export.verify.timing import interleaved
+
+
+def run(args):
+    """Print the results; exit code 0 when every backend passed, 4 otherwise."""
+    results = check(args)
+    print(json.dumps(results, indent=2))
+    return EXIT_OK if all(r.get("pass", True) for r in results.values()) else EXIT_VERDICT_FAILED
+
+
+def check(args):
+    meta = onnx_metadata(args.onnx)
+    imgsz, batch = tuple(ast.literal_eval(meta.get("imgsz", "[640, 640]"))), int(meta.get("batch", 1))
+    precision = onnx_precision(meta)
+    loaded = load(args.weights)
+    images = tile(read_images(args.images, imgsz), batch)
+    runners, results = {"onnxruntime": OrtRunner(args.onnx)}, {}
+    if args.engine:
+        trt, reason = engine_runtime()
+        if trt:
+            runners["tensorrt"] = TrtRunner(args.engine, trt)
+        else:
+            results["tensorrt"] = {"skipped": reason}
+    reference = TorchRunner(models.reference_at(loaded.model, *imgsz))
+    for backend, runner in runners.items():
+        results[backend] = compare(reference, runner, images, precision, batch, kinds.of(loaded).to_v8_layout)
+        results[backend].pop("abs_diff_sample")
+        results[backend].pop("detections_sample")
+    if args.bench:
+        results["speed"] = interleaved({"torch": reference, **runners}, images[:batch], args.bench)
+    return results

@@ -1,0 +1,61 @@
+"""Which block diverges first? When a float ONNX fails parity, every block that is not stock ultralytics (the
+attention families, the --code blocks) becomes an extra ONNX output, and each is compared with the same block
+in the PyTorch reference."""
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.graph.rewrite import watched_blocks
+from export.graph.to_onnx import trace
+from export.verify.parity import THRESHOLDS
+from export.verify.runners import OrtRunner
+
+
+def localize(reference_model, twin, images, half, tmpdir, precision):
+    """Export the twin with every block that is not stock ultralytics (attention families, --code blocks) as an
+    extra ONNX output; name the first whose ONNX Runtime output diverges from the PyTorch reference's.
+    Returns (name or None, per-block rel errors)."""
+    names = watched_blocks(reference_model)
+    twin = copy.deepcopy(twin)
+    probe = _BlockTap(twin.half() if half else twin.float(), names, half)
+    proto = trace(probe, torch.from_numpy(images[:1]), input_names=["images"], output_names=["output0", *names])
+    path = Path(tmpdir) / "localize.onnx"
+    path.write_bytes(proto.SerializeToString())
+    outs = OrtRunner(path).session.run(None, {"images": images[:1]})[1:]
+    expected = _BlockTap(reference_model, names, False)(torch.from_numpy(images[:1]))[1:]
+    limit = THRESHOLDS[precision].rel_max_abs
+    errors = {}
+    for name, got, exp in zip(names, outs, expected):
+        exp = exp.detach().float().numpy()
+        errors[name] = float(np.abs(got.astype(np.float64) - exp).max() / (np.abs(exp).max() or 1.0))
+    first = next((n for n in names if not np.isfinite(errors[n]) or errors[n] > limit), None)
+    return first, errors
+
+
+class _BlockTap(torch.nn.Module):
+    """The model, returning its output followed by each named block's output."""
+
+    def __init__(self, model, names, half):
+        super().__init__()
+        self.model, self.names, self.half = model, names, half
+
+    def forward(self, images):
+        captured = {}
+
+        def keep(name):
+            def hook(module, args, out):  # returns None: a hook's return value would replace the output
+                captured.setdefault(name, out)
+            return hook
+
+        hooks = [self.model.get_submodule(n).register_forward_hook(keep(n)) for n in self.names]
+        try:
+            with torch.no_grad():
+                y = self.model(images.half() if self.half else images)
+        finally:
+            for h in hooks:
+                h.remove()
+        y = y[0] if isinstance(y, (list, tuple)) else y
+        return (y.float(), *(captured[n].float() for n in self.names))

@@ -1,0 +1,76 @@
+"""Every backend behind one call: images (B,3,H,W) float32 numpy -> output0 as the model emits it, float32 numpy.
+
+A new backend is one more runner here: parity, labelled accuracy and timing take any callable of that form.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+
+class TorchRunner:
+    name = "torch"
+
+    def __init__(self, model):
+        self.model = model.eval()
+
+    def __call__(self, images):
+        with torch.no_grad():
+            y = self.model(torch.from_numpy(images))
+        return (y[0] if isinstance(y, (list, tuple)) else y).float().numpy()
+
+
+class OrtRunner:
+    name = "onnxruntime"
+
+    def __init__(self, path, threads=None):
+        self.path = path
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()  # same threads as torch
+        available = ort.get_available_providers()
+        providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+        self.session = ort.InferenceSession(str(path), options, providers=providers + ["CPUExecutionProvider"])
+        self.providers = self.session.get_providers()
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, images):
+        return self.session.run(None, {self.input: images})[0].astype(np.float32)
+
+
+class TrtRunner:
+    """A TensorRT engine run through the `tensorrt` (or `tensorrt_rtx`) runtime on a CUDA device."""
+
+    name = "tensorrt"
+
+    def __init__(self, path, trt):
+        logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(Path(path).read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"{path}: TensorRT could not deserialize the engine")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+
+    def __call__(self, images):
+        x = torch.from_numpy(images).cuda().contiguous()
+        self.context.set_input_shape("images", tuple(x.shape))
+        y = torch.empty(tuple(self.context.get_tensor_shape("output0")), dtype=torch.float32, device="cuda")
+        self.context.set_tensor_address("images", x.data_ptr())
+        self.context.set_tensor_address("output0", y.data_ptr())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        self.stream.synchronize()
+        return y.cpu().numpy()
+
+
+def engine_runtime():
+    """(trt module, None) when an engine can run here, else (None, reason)."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA GPU on this machine: the engine was built but cannot be run here"
+    for name in ("tensorrt", "tensorrt_rtx"):
+        try:
+            return __import__(name), None
+        except ImportError:
+            continue
+    return None, "neither tensorrt nor tensorrt_rtx is installed"
