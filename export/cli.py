@@ -9,6 +9,7 @@ Exit codes: 0 ok, 2 bad input, 3 export or build failed, 4 parity or int8 accura
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 import onnxruntime as ort
@@ -17,10 +18,13 @@ import models
 from calib.quantize import METHODS
 from calib.source import DEFAULT_N
 from export.engine.build import PRECISIONS
-from export.errors import BadInput, StageFailed
+from export.errors import EXIT_STAGE_FAILED, BadInput, StageFailed
 from export.inputs.images import MAX_IMAGES
 from export.pipeline import bench_job, export_job, parity_job
+from export.text import shown
 from export.verify.timing import DEFAULT_ROUNDS, DEFAULT_WARMUP
+
+MAX_MESSAGE = 2000  # characters of one error line
 
 
 def main(argv=None):
@@ -38,14 +42,22 @@ def main(argv=None):
 
 
 def _guarded(job, args, check=None):
-    """Run `job(args)`; a BadInput or StageFailed becomes its one-line message on stderr and its exit code."""
+    """Run `job(args)`; a BadInput or StageFailed becomes its one-line message on stderr and its exit code, any
+    other exception one line and exit code 3 (its traceback with -v). Messages are escaped: they may quote
+    names from the checkpoint."""
     try:
         if check:
             check(args)
         return job(args)
     except (BadInput, StageFailed) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {shown(e, MAX_MESSAGE)}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:  # a failure of ours, not of the input: still one line
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
+        print(f"error: {type(e).__name__}: {shown(str(e).splitlines()[0] if str(e) else '', MAX_MESSAGE)} (an "
+              f"internal error; rerun with -v for the traceback)", file=sys.stderr)
+        return EXIT_STAGE_FAILED
 
 
 def check(args):

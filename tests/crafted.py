@@ -55,7 +55,9 @@ def ops(value):
         if -(1 << 31) <= value < (1 << 31):
             return Op(pickle.BININT + struct.pack("<i", value))
         raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
-        return Op(pickle.LONG1 + bytes([len(raw)]) + raw)
+        if len(raw) < 256:
+            return Op(pickle.LONG1 + bytes([len(raw)]) + raw)
+        return Op(pickle.LONG4 + struct.pack("<i", len(raw)) + raw)
     if isinstance(value, float):
         return Op(pickle.BINFLOAT + struct.pack(">d", value))
     if isinstance(value, str):

@@ -13,7 +13,7 @@ PACKAGES = ("export", "models", "plugins", "calib")
 # Lowest first. A module may import its own group and any group of a lower rank; groups of one rank are siblings
 # and may not import each other. Every project module must fall in a group.
 LAYERS = (
-    ("export.errors", "export.files"),          # what every stage shares
+    ("export.errors", "export.files", "export.text"),  # what every stage shares
     ("models",),                                # the families (reference and export twins, registry)
     ("plugins",),                               # custom ops backed by the families' code
     ("export.checkpoint", "export.inputs"),     # stage 1: the checkpoint; what the user hands us with it

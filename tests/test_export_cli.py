@@ -190,3 +190,33 @@ def test_console_script_ignores_a_yolov5_checkout_in_the_working_directory(tmp_p
     proc = subprocess.run([str(script), "--weights", "missing.pt", "--no-parity"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "no such file" in proc.stderr and not marker.exists()
+
+
+def test_a_model_that_fails_its_first_forward_is_bad_input(tmp_path, capsys):
+    """Legal values that still break the model (Detect reads a saved layer of the wrong width): exit 2, one line,
+    nothing written, before any of our code runs on the model."""
+    import torch
+
+    ckpt = torch.load(models.demo_checkpoint("sta"), weights_only=False)  # our own demo file: trusted
+    ckpt["model"].model[-1].f = [16, 19, 16]
+    weights = tmp_path / "wrong_input.pt"
+    torch.save(ckpt, weights)
+    assert main(["--weights", str(weights), "--out", str(tmp_path / "out"), "--no-parity"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fails on a 256x256 image (RuntimeError" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unexpected_failure_is_one_line_and_exit_3(tmp_path, monkeypatch, capsys):
+    from export.pipeline import export_job
+
+    def broken(files, dynamic):
+        raise ValueError("something of ours broke\nsecond line")
+
+    monkeypatch.setattr(export_job, "lint_files", broken)
+    assert main(["--weights", str(models.demo_checkpoint("sta")), "--out", str(tmp_path), "--no-parity"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ValueError: something of ours broke" in err and "-v" in err
+    assert "Traceback" not in err
+    assert main(["--weights", str(models.demo_checkpoint("sta")), "--out", str(tmp_path), "--no-parity", "-v"]) == 3
+    assert "Traceback" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import os
 import pickle
 import resource
 import shutil
+import struct
 import subprocess
 import sys
 import warnings
@@ -480,6 +481,133 @@ attack("tensor/size-overflows-int64", dos=True)(
 def _(ws):
     os.mkfifo(ws.weights)
     return ws.weights
+
+
+# 7. Second round: legal types, values later stages trust. Each is refused at load, naming the field and bound.
+def _set(layer, field, value):
+    def mutate(model, ckpt):
+        model.model[layer].__dict__[field] = value
+    return mutate
+
+
+SCHEMA = ("must be", "takes input from layer")
+VALUE_ATTACKS = {  # yolov8n: model.4 C2f, model.9 SPPF, model.22 Detect (inputs 15, 18, 21)
+    "sppf-n-25000": _set(9, "n", 25_000),  # ultralytics' SPPF keeps n pooled outputs
+    "sppf-n-as-a-tensor": _set(9, "n", torch.tensor(10 ** 9)),  # range() takes a 0-d int tensor
+    "n-iter-1e9-on-any-class": _set(4, "n_iter", 10 ** 9),  # STA's twin iterates n_iter times
+    "repconv-style-c1-12000": _set(4, "c1", 12_000),  # RepConv.fuse allocates c1 x c1/g x 3 x 3
+    "detect-nl-1e9": _set(22, "nl", 10 ** 9),
+    "detect-input-past-the-model": _set(22, "f", [15, 18, 99]),
+    "detect-input-never-saved": _set(22, "f", [15, 18, 3]),  # y[3] is None at run time
+    "layer-input-is-itself": _set(4, "f", 4),
+    "layer-type-1mib": _set(4, "type", "x" * (1 << 20)),
+    "float-where-an-index-goes": _set(4, "f", 0.5),
+}
+for _name, _mutate in VALUE_ATTACKS.items():
+    attack(f"value/{_name}", says=SCHEMA, dos=True)(lambda ws, m=_mutate: ws.saved(m))
+
+
+def _names(value):
+    def mutate(model, ckpt):
+        model.names = value
+    return mutate
+
+
+_BIG = "a" * (1 << 20)
+attack("value/names-6000-references-to-one-1mib-string", says=("class name",), dos=True)(
+    lambda ws: ws.saved(_names([_BIG] * 6000)))  # pickled once, expanded by str(names) into ONNX metadata
+attack("value/names-forge-a-console-line", says=("class name",), cli=True)(
+    lambda ws: ws.saved(_names({0: "person\nwrote best.onnx: parity passed", 1: "car"})))
+attack("value/names-ansi-escape", says=("class name",))(lambda ws: ws.saved(_names({0: "\x1b[2K\x1b[1Gok"})))
+attack("value/names-20000-classes", says=("class names",))(
+    lambda ws: ws.saved(_names({i: f"c{i}" for i in range(20_000)})))
+
+
+def _train_imgsz(value):
+    def mutate(model, ckpt):
+        ckpt["train_args"] = {"imgsz": value}
+    return mutate
+
+
+for _name, _value in {"6400": 6400, "16384x64": [16384, 64], "three-sides": [640, 640, 640]}.items():
+    attack(f"value/train-imgsz-{_name}", says=("train_args imgsz",), cli=_name == "6400")(
+        lambda ws, v=_value: ws.saved(_train_imgsz(v)))
+
+
+def _views(count, layer=4):
+    def mutate(model, ckpt):  # one 2 MiB fp16 storage in the file; each view becomes a 4 MiB fp32 copy
+        base = torch.zeros(1 << 20, dtype=torch.float16)
+        for k in range(count):
+            model.model[layer].register_buffer(f"view{k}", base[k % 7:])
+    return mutate
+
+
+attack("budget/1500-views-of-one-fp16-storage", says=("once cast to fp32",), dos=True, cli=True)(
+    lambda ws: ws.saved(_views(1500)))
+attack("budget/300-views-on-another-layer", says=("once cast to fp32",), dos=True)(
+    lambda ws: ws.saved(_views(300, layer=22)))
+
+
+def _dict_with_keys(keys):
+    """A dict fragment built key by key from opcodes (crafting the dict itself would pay the collisions here)."""
+    return Op(pickle.EMPTY_DICT + pickle.MARK + b"".join(ops(k) + ops(0) for k in keys) + pickle.SETITEMS)
+
+
+P61 = (1 << 61) - 1  # ints equal modulo 2**61 - 1 share one hash
+attack("keys/200k-ints-with-one-hash", says=GATE, dos=True)(
+    lambda ws: ws.real(model_value=_dict_with_keys(1 + k * P61 for k in range(200_000))))
+attack("keys/64-bit-ints-with-one-hash", says=GATE, dos=True)(  # within int64, still colliding
+    lambda ws: ws.real(model_value=_dict_with_keys(1 + k * P61 for k in range(1, 4))))
+attack("keys/one-1mib-int-as-key-300k-times", says=GATE, dos=True)(lambda ws: ws.real(model_value=Op(
+    pickle.EMPTY_DICT + pickle.MARK + remembered(1 << (8 << 20)) + ops(0) + (recall() + ops(0)) * 300_000
+    + pickle.SETITEMS)))
+attack("keys/huge-int-in-a-set", says=GATE, dos=True)(
+    lambda ws: ws.real(model_value=call(glob("builtins", "set"), [1 << 100_000])))
+
+
+def chain_in_flat_list(n=5000):
+    """[L0, L1, ..., Ln] where each Lk also holds Lk+1: every link sits one level below the flat list, and the
+    chain from L0 is n deep (copy.deepcopy recurses along it)."""
+    base = MEMO + 1
+    body = b"".join(pickle.EMPTY_LIST + pickle.LONG_BINPUT + (base + k).to_bytes(4, "little") + pickle.APPEND
+                    for k in range(n))
+    links = b"".join(pickle.LONG_BINGET + (base + k).to_bytes(4, "little") + pickle.LONG_BINGET
+                     + (base + k + 1).to_bytes(4, "little") + pickle.APPEND + pickle.POP for k in range(n - 1))
+    return Op(pickle.EMPTY_LIST + body + links)
+
+
+attack("nesting/deep-chain-also-reachable-from-a-flat-list", says=GATE, dos=True, cli=True)(
+    lambda ws: ws.real(model_value=chain_in_flat_list()))
+attack("nesting/deep-chain-inside-the-model", says=GATE, dos=True)(
+    lambda ws: ws.real(layer_value=chain_in_flat_list(3000)))
+attack("nesting/list-that-contains-itself", says=GATE)(lambda ws: ws.real(model_value=Op(
+    pickle.EMPTY_LIST + pickle.LONG_BINPUT + MEMO.to_bytes(4, "little") + recall() + pickle.APPEND)))
+
+
+@attack("zip/central-directory-padded-with-extra-fields", says=("zip directory",), dos=True, cli=True)
+def _(ws):  # zipfile reads the whole directory when it opens the file: ours is refused from the end record
+    top, records = read_zip(ws.real())
+    padding = struct.pack("<HH", 0xCAFE, 65_000) + bytes(65_000)
+    with zipfile.ZipFile(ws.weights, "w") as z:
+        for name, data in records.items():
+            z.writestr(zipfile.ZipInfo(f"{top}/{name}"), data)
+        for k in range(300):
+            info = zipfile.ZipInfo(f"{top}/pad{k}")
+            info.extra = padding
+            z.writestr(info, b"")
+    return ws.weights
+
+
+@attack("global/class-name-with-a-newline", says=GATE, cli=True)
+def _(ws):  # the name would reach the console: a forged line
+    return ws.real(layer_value=newobj(stack_glob("evil\nwrote best.onnx: parity passed", "Block")))
+
+
+@attack("model/member-name-with-an-escape", says=GATE)
+def _(ws):
+    def mutate(model, ckpt):
+        model.model[4]._modules["\x1b[2Kcv1"] = model.model[4]._modules.pop("cv1")
+    return ws.saved(mutate)
 
 
 # Controls: the same pipeline with benign values loads, so refusals above are about the payloads.

@@ -195,3 +195,48 @@ def test_a_non_module_global_is_refused_even_with_code(tmp_path):
         load(write_zip(tmp_path / "fn2.pt", top, records), code=[code])
     assert not marker.exists()
 
+
+
+def test_a_package_init_is_never_run_for_a_class_path(tmp_path):
+    """`ultralytics.Evil` names the package `ultralytics`: its DIR/ultralytics/__init__.py must not run."""
+    code = tmp_path / "code"
+    (code / "ultralytics").mkdir(parents=True)
+    marker = tmp_path / "init-ran"
+    (code / "ultralytics" / "__init__.py").write_text(MARKER_SOURCE.format(marker=str(marker), name="Evil"))
+    (code / "pkg" / "block").mkdir(parents=True)
+    (code / "pkg" / "block" / "__init__.py").write_text(MARKER_SOURCE.format(marker=str(marker), name="Block"))
+    with pytest.raises(CheckpointError, match="no file for module ultralytics .*__init__.py is never run"):
+        load(_pickled_model_with(tmp_path, "ultralytics", "Evil"), code=[code])
+    with pytest.raises(CheckpointError, match="no file for module pkg.block"):
+        load(_pickled_model_with(tmp_path, "pkg.block", "Block"), code=[code])
+    assert not marker.exists()
+
+
+def test_a_file_without_the_class_is_never_run(tmp_path):
+    """The checkpoint picks the file by its class path: unless the file's source defines that class, it stays
+    unrun (a checkpoint cannot use a class path to run an arbitrary .py under DIR)."""
+    code = tmp_path / "code"
+    (code / "tools").mkdir(parents=True)
+    marker = tmp_path / "script-ran"
+    (code / "tools" / "train.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('x')\n"
+                                             "def main():\n    class Block:\n        pass\n")
+    with pytest.raises(CheckpointError, match="defines no class Block .*nothing was run"):
+        load(_pickled_model_with(tmp_path, "tools.train", "Block"), code=[code])
+    assert not marker.exists()
+
+
+def test_a_class_defined_under_an_if_block_is_found(tmp_path):
+    code = tmp_path / "code"
+    (code / "pkg").mkdir(parents=True)
+    (code / "pkg" / "guarded.py").write_text("import torch\nfrom torch import nn\nif torch.__version__:\n"
+                                             "    class Guarded(nn.Module):\n        def forward(self, x):\n"
+                                             "            return x\n")
+    loaded = load(user_blocks.checkpoint_naming(tmp_path / "g.pt", "pkg.guarded", "Guarded"), code=[code])
+    assert type(loaded.model.model[9]).__name__ == "Guarded"
+
+
+def test_no_bytecode_is_written_into_the_fork(fork):
+    root, ckpt = fork
+    load(ckpt, code=[root])
+    assert sys.dont_write_bytecode is False or sys.flags.dont_write_bytecode  # restored after the import
+    assert not list(root.rglob("__pycache__")) and not list(root.rglob("*.pyc"))

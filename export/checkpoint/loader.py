@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from export.checkpoint import object_graph, user_code
+from export.checkpoint import object_graph, schema, user_code
 from export.checkpoint.safe_pickle import Refused, UnpickleLog, unpickle
 from export.checkpoint.torch_zip import NotTorchZip, open_torch_zip
 from export.errors import BadInput
+from export.text import shown
 
 NOT_WEIGHTS = {".onnx": "an ONNX model", ".engine": "a TensorRT engine", ".plan": "a TensorRT engine",
                ".trt": "a TensorRT engine", ".torchscript": "a TorchScript archive"}
@@ -44,7 +45,7 @@ CODE_HINT = ("to export them as written, pass --code <your fork's root folder>: 
 class UnknownBlocksError(CheckpointError):
     def __init__(self, blocks):
         self.blocks = blocks  # "module.Class" -> [layer indices]
-        listed = "; ".join(f"{cls} at layer {', '.join(map(str, idx))}" for cls, idx in blocks.items())
+        listed = "; ".join(f"{shown(cls)} at layer {', '.join(map(str, idx))}" for cls, idx in blocks.items())
         super().__init__(f"unknown custom block(s): {listed} — {CODE_HINT}; or {FAMILY_HINT}")
 
 
@@ -79,8 +80,11 @@ def load(path, code=()):
             ckpt, log = read(path, imported.classes)
             model, source = _pick_model(ckpt, path)
         _refuse_unknowns(log, model)
-        saved_half = next(model.parameters()).dtype == torch.float16
+        schema.check_model(model)  # every value later code trusts, before any method of the model runs
         names, stride = _names(model), _stride(model)
+        schema.check_names(names)
+        imgsz = schema.image_size(_train_imgsz(ckpt), max(stride))
+        saved_half = next(model.parameters()).dtype == torch.float16
         model = _prepare(model)
     except CheckpointError:
         raise
@@ -90,18 +94,18 @@ def load(path, code=()):
         raise CheckpointError(f"{path} could not be read as a checkpoint ({_one_line(e)}); the file may be "
                               f"truncated or damaged, or not a YOLO checkpoint") from None
     return LoadedCheckpoint(model=model, path=path, names=names, nc=len(names), stride=stride,
-                            task=_task(model), imgsz=_train_imgsz(ckpt), source=source, saved_half=saved_half,
+                            task=_task(model), imgsz=imgsz, source=source, saved_half=saved_half,
                             remapped=log.remapped, kind=log.kind, user_code=imported.sources())
 
 
 def _one_line(e):
-    text = str(e).splitlines()[0][:200] if str(e) else ""
+    text = shown(str(e).splitlines()[0]) if str(e) else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _refused(path, e):
-    return CheckpointError(f"refused to load {path}: {e}; nothing from the file was run — only torch, ultralytics "
-                           f"and the attention families' own objects are reconstructed")
+    return CheckpointError(f"refused to load {path}: {shown(e, 600)}; nothing from the file was run — only torch, "
+                           f"ultralytics and the attention families' own objects are reconstructed")
 
 
 def _check_file(path):
@@ -228,8 +232,9 @@ def _as_dict(args):
 
 
 def _image_size(imgsz):
+    """An int or a list of ints as recorded (bounded by schema.image_size); None for anything else."""
     sizes = imgsz if isinstance(imgsz, (list, tuple)) else [imgsz]
-    return imgsz if 1 <= len(sizes) <= 2 and all(type(v) is int and 0 < v <= 16384 for v in sizes) else None
+    return imgsz if sizes and all(type(v) is int for v in sizes) else None
 
 
 def _prepare(model):

@@ -10,6 +10,7 @@ collected, not descended into: the loader refuses them by name and layer.
 
 import collections
 import pathlib
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,10 +18,13 @@ import torch
 from torch import nn
 
 from export.checkpoint.safe_pickle import (NAMESPACES, TABLE_MODULE_TYPES, TABLE_PLAIN_TYPES, Refused, Unknown,
-                                _check_state_keys, plain_key)
+                                           _check_state_keys, plain_key)
+from export.text import shown
 
 MAX_DEPTH = 100  # nesting of containers and modules; deeper structures break recursive library code
 MAX_OBJECTS = 5_000_000
+_DONE = object()
+MEMBER_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 MAX_MODULE_PATHS = 100_000  # a yolov8x has ~500 module paths; shared children would multiply them
 PRIMITIVES = (type(None), bool, int, float, complex, str, bytes, bytearray)
 TORCH_VALUES = (torch.dtype, torch.layout, torch.qscheme, torch.memory_format, torch.device)
@@ -49,68 +53,91 @@ def validate(root, user_types=frozenset()):
 
 
 class _Walk:
+    """Depth-first over everything reachable from the root, each object once. The depth bound holds on every
+    path, not only on the first one found: an object's height (its longest path down to plain values) is
+    computed from its children's, so a deep chain also reachable from a flat list is measured at its full
+    depth. A structure that contains itself is refused; recursive library code (copy.deepcopy in the
+    rewrite) would then recurse as deep as the height."""
+
     def __init__(self, report, user_types):
-        self.report, self.seen, self.todo, self.user_types = report, set(), [], user_types
+        self.report, self.user_types = report, user_types
+        self.heights, self.open = {}, set()  # id -> height of finished objects; ids on the current path
 
     def run(self, root):
-        self.todo.append((root, 0))
-        while self.todo:
-            obj, depth = self.todo.pop()
-            if type(obj) in PRIMITIVES or isinstance(obj, TORCH_VALUES):
+        stack = [[root, None, 0]]  # [object, iterator over its children (None: not expanded yet), tallest child]
+        while stack:
+            frame = stack[-1]
+            obj, children = frame[0], frame[1]
+            if children is None:
+                self.open.add(id(obj))
+                if len(self.heights) + len(self.open) > MAX_OBJECTS:
+                    raise Refused(f"more than {MAX_OBJECTS} objects")
+                frame[1] = children = iter(self._visit(obj))
+            child = next(children, _DONE)
+            if child is _DONE:
+                stack.pop()
+                self.open.discard(id(obj))
+                height = self.heights[id(obj)] = frame[2] + 1
+                if height > MAX_DEPTH:
+                    raise Refused(f"nesting deeper than {MAX_DEPTH} levels")
+                if stack:
+                    stack[-1][2] = max(stack[-1][2], height)
+            elif type(child) in PRIMITIVES or isinstance(child, TORCH_VALUES):
                 continue
-            if id(obj) in self.seen:
-                continue
-            self.seen.add(id(obj))
-            if len(self.seen) > MAX_OBJECTS or depth > MAX_DEPTH:
-                raise Refused(f"more than {MAX_OBJECTS} objects or nesting deeper than {MAX_DEPTH}")
-            self._visit(obj, depth + 1)
+            elif id(child) in self.open:
+                raise Refused("a structure that contains itself")
+            elif id(child) in self.heights:
+                frame[2] = max(frame[2], self.heights[id(child)])
+            else:
+                stack.append([child, None, 0])
 
-    def _push(self, values, depth):
-        self.todo.extend((v, depth) for v in values)
-
-    def _visit(self, obj, depth):
+    def _visit(self, obj):
+        """Check `obj` and return the values to descend into."""
         kind = type(obj)
         if kind in DICTS:
             if not all(plain_key(k) for k in obj):
                 raise Refused("a dict with a key that is not a number, string or tuple of those")
-            self._push(obj.values(), depth)
-        elif kind in SEQUENCES or kind is torch.Size:
-            self._push(obj, depth)
-        elif kind in (torch.Tensor, nn.Parameter):
-            self._tensor(obj, depth)
-        elif kind is np.ndarray or isinstance(obj, (np.generic, np.dtype)):
+            return list(obj.values())
+        if kind in SEQUENCES or kind is torch.Size:
+            return list(obj)
+        if kind in (torch.Tensor, nn.Parameter):
+            return self._tensor(obj)
+        if kind is np.ndarray or isinstance(obj, (np.generic, np.dtype)):
             _check_numpy(obj)
-        elif kind in (pathlib.PurePosixPath, pathlib.PureWindowsPath):
-            pass
-        elif kind in TABLE_MODULE_TYPES or kind in self.user_types or (
+            return []
+        if kind in (pathlib.PurePosixPath, pathlib.PureWindowsPath):
+            return []
+        if kind in TABLE_MODULE_TYPES or kind in self.user_types or (
                 kind in TABLE_PLAIN_TYPES and isinstance(obj, nn.Module)):
-            self._module(obj, depth)
-        elif kind in NAMESPACES or kind in TABLE_PLAIN_TYPES:
-            self._attributes(obj, depth)
-        elif isinstance(obj, Unknown):
-            self._placeholder(obj, depth)
-        elif isinstance(obj, type) and issubclass(obj, Unknown):
-            raise Refused(f"it references {obj.origin}, which is not an allowed global")
-        else:
-            raise Refused(f"a value of type {_name(obj)}, which is not checkpoint data")
+            return self._module(obj)
+        if kind in NAMESPACES or kind in TABLE_PLAIN_TYPES:
+            return self._attributes(obj)
+        if isinstance(obj, Unknown):
+            return self._placeholder(obj)
+        if isinstance(obj, type) and issubclass(obj, Unknown):
+            raise Refused(f"it references {shown(obj.origin)}, which is not an allowed global")
+        raise Refused(f"a value of type {shown(_name(obj))}, which is not checkpoint data")
 
-    def _attributes(self, obj, depth):
+    def _attributes(self, obj):
         _check_state_keys(type(obj), obj.__dict__)
-        self._push(obj.__dict__.values(), depth)
+        return list(obj.__dict__.values())
 
-    def _tensor(self, t, depth):
+    def _tensor(self, t):
         if t.layout != torch.strided or t.is_quantized or t.device.type != "cpu":
             raise Refused(f"a {t.layout} / quantized / non-CPU tensor (only dense tensors are reconstructed)")
-        if t.__dict__:
-            self._attributes(t, depth)
+        return self._attributes(t) if t.__dict__ else []
 
-    def _module(self, m, depth):
+    def _module(self, m):
         self.report.modules.append(m)
         d = m.__dict__
         _check_state_keys(type(m), d)
         for table in ("_parameters", "_buffers", "_modules"):
             if type(d.get(table)) not in (dict, collections.OrderedDict) or not all(type(k) is str for k in d[table]):
                 raise Refused(f"a {type(m).__name__} without a proper {table} table")
+            if not all(MEMBER_NAME.fullmatch(k) for k in d[table]):  # module paths reach the console and report
+                bad = next(k for k in d[table] if not MEMBER_NAME.fullmatch(k))
+                raise Refused(f"a {type(m).__name__} with a {table[1:-1]} named {shown(bad, 40)} (names are letters, "
+                              f"digits, '_' and '-')")
         if any(type(v) not in (nn.Parameter, torch.Tensor, type(None)) for v in d["_parameters"].values()) or \
                 any(type(v) not in (torch.Tensor, nn.Parameter, type(None)) for v in d["_buffers"].values()):
             raise Refused(f"a {type(m).__name__} whose parameters or buffers are not tensors")
@@ -120,14 +147,15 @@ class _Walk:
             raise Refused(f"a {type(m).__name__} with hooks (hooks are code)")
         if type(d.get("training", False)) is not bool:
             raise Refused(f"a {type(m).__name__} whose `training` flag is not a bool")
-        self._push(d.values(), depth)
+        return list(d.values())
 
-    def _placeholder(self, m, depth):
+    def _placeholder(self, m):
         """An unknown class: reported by the loader, so only its submodules are looked at."""
         self.report.modules.append(m)
         children = m.__dict__.get("_modules")
         if type(children) in (dict, collections.OrderedDict):
-            self._push([v for v in children.values() if isinstance(v, nn.Module)], depth)
+            return [v for v in children.values() if isinstance(v, nn.Module)]
+        return []
 
 
 def unknown_blocks(model):

@@ -46,6 +46,7 @@ MAX_UNKNOWN_GLOBALS = 256  # distinct unknown names one file may reference
 MAX_TENSOR_DIMS = 16
 MAX_INT = 2 ** 62
 MAX_KEY_NODES = 16  # values in one dict key or set item (a str, or a small tuple of numbers and strings)
+MAX_KEY_INT = (1 << 31) - 1
 MAX_STATE_KEYS = 4096  # attributes of one object; ultralytics' args namespace has ~130
 MAX_INSTANCES = 100_000  # class instances one file may create; a yolov8x has ~500 modules
 # Work the gate's checks and ops may do, in elements touched, per byte of pickle (plus a floor). A pickle
@@ -305,15 +306,21 @@ def get_layout(name):
 
 
 def plain_key(v):
-    """A dict key or set item we allow: a number, string, bytes, None, or a small tuple of those. Small
-    matters: hashing a deeply nested tuple recurses in C and overflows the stack, and a large one re-hashed
-    on every reference costs time without bound."""
+    """A dict key or set item we allow: a string, bytes, None, a bool, an int of at most 32 bits, a finite float,
+    or a small tuple of those. Small matters: hashing a deeply nested tuple recurses in C and overflows the
+    stack, and a large one re-hashed on every reference costs time without bound. So do big ints (a 1 MiB int
+    is re-hashed on every insert) and ints chosen to share one hash (equal modulo 2**61 - 1: every insert
+    probes all the others); below 2**31 an int is its own hash."""
     todo, nodes = [v], 0
     while todo:
         x = todo.pop()
         nodes += 1
         if type(x) is tuple and len(x) <= MAX_KEY_NODES:
             todo.extend(x)
+        elif type(x) is int and not -MAX_KEY_INT <= x <= MAX_KEY_INT:
+            return False
+        elif type(x) is float and not math.isfinite(x):
+            return False
         elif not (x is None or type(x) in (bool, int, float, str, bytes)):
             return False
         if nodes > MAX_KEY_NODES:
@@ -534,6 +541,12 @@ class UnpickleLog:
         return self.unknown[key]
 
 
+def _dotted(text):
+    """A module path or class name as Python spells one: identifiers joined by dots (no newline, no escape code:
+    these names reach the console and the report)."""
+    return all(part.isidentifier() for part in text.split("."))
+
+
 def _describe(obj):
     if isinstance(obj, (Op, Marker)):
         return obj.name
@@ -559,7 +572,8 @@ class GatedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: every opc
     # -- globals
     def find_class(self, module, name):
         _require(type(module) is str and type(name) is str and 0 < len(module) <= MAX_GLOBAL_NAME
-                 and 0 < len(name) <= MAX_GLOBAL_NAME, "a malformed global name")
+                 and 0 < len(name) <= MAX_GLOBAL_NAME and _dotted(module) and _dotted(name),
+                 "a malformed global name (not a dotted Python name)")
         if self.proto < 3:  # protocol-2 pickles use Python 2 names for some builtins (__builtin__.set)
             module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
             module = _compat_pickle.IMPORT_MAPPING.get(module, module)

@@ -7,6 +7,7 @@ their records byte for byte. Nothing is extracted to disk; records are read (CRC
 """
 
 import re
+import struct
 import sys
 import zipfile
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import torch
 from export.checkpoint.safe_pickle import ExpansionBudget, LoadedStorage, Refused
 
 MAX_ENTRIES = 100_000
+MAX_CENTRAL_DIRECTORY = 16 << 20  # a yolov8x checkpoint's is ~70 KB (about 100 bytes a record)
 MAX_PICKLE_BYTES = 16 << 20  # a YOLO data.pkl is 0.1-0.2 MB (yolov8n): the weights live in the storage records
 RECORD_KEY = re.compile(r"^[A-Za-z0-9_.]{1,64}$")
 
@@ -68,6 +70,7 @@ class TorchZip:
 
 def open_torch_zip(path, file_size):
     """Open and vet a torch.save archive; raises NotTorchZip (not ours) or Refused (unsafe)."""
+    _check_central_directory(path, file_size)  # zipfile reads and parses the whole directory when it opens
     archive = zipfile.ZipFile(path)
     try:
         infos = archive.infolist()
@@ -80,6 +83,40 @@ def open_torch_zip(path, file_size):
     except BaseException:
         archive.close()
         raise
+
+
+EOCD, EOCD64, LOCATOR64 = b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07"
+
+
+def _check_central_directory(path, file_size):
+    """The end-of-central-directory record (and its zip64 form) read first: the directory's entry count and
+    size must be within our limits and inside the file before zipfile reads it (about 0.3 us a byte: a
+    directory padded to hundreds of MB would take minutes). Raises BadZipFile or Refused."""
+    with open(path, "rb") as f:
+        tail_size = min(file_size, (1 << 16) + 22)
+        f.seek(file_size - tail_size)
+        tail = f.read(tail_size)
+        at = tail.rfind(EOCD)
+        if at < 0 or len(tail) - at < 22:
+            raise zipfile.BadZipFile("no end-of-central-directory record")
+        entries, size, offset = struct.unpack("<10xHII", tail[at:at + 20])
+        if 0xFFFF in (entries,) or 0xFFFFFFFF in (size, offset):  # zip64: the real numbers are in its record
+            locator = tail[at - 20:at]
+            if at < 20 or not locator.startswith(LOCATOR64):
+                raise zipfile.BadZipFile("a zip64 archive without its locator")
+            (record,) = struct.unpack("<8xQ", locator[:16])
+            if record + 56 > file_size:
+                raise zipfile.BadZipFile("a zip64 record past the end of the file")
+            f.seek(record)
+            head = f.read(56)
+            if not head.startswith(EOCD64):
+                raise zipfile.BadZipFile("no zip64 end-of-central-directory record")
+            entries, size, offset = struct.unpack("<32xQQQ", head)
+    if entries > MAX_ENTRIES or size > MAX_CENTRAL_DIRECTORY:
+        raise Refused(f"a zip directory of {entries} records and {size >> 10} KiB (at most {MAX_ENTRIES} records and "
+                      f"{MAX_CENTRAL_DIRECTORY >> 20} MiB; torch.save writes a few KiB)")
+    if offset + size > file_size:
+        raise zipfile.BadZipFile("a central directory past the end of the file")
 
 
 def _check_records(infos, file_size):

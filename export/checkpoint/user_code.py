@@ -1,16 +1,18 @@
 """`--code DIR`: the user's own fork source for blocks we have no family for. An explicit opt-in, never a default.
 
 Only the classes a checkpoint references, that we do not know, and that sit inside its model are resolved:
-each from the one file its pickled module path names under DIR (`ultralytics.nn.Addmodules.BiFormer` ->
-`DIR/ultralytics/nn/Addmodules/BiFormer.py`, or `.../BiFormer/__init__.py`), executed under a private module
-name (`_yolo_attn_user_code.d0.ultralytics.nn.Addmodules.BiFormer`) so it never shadows the installed
-ultralytics or our packages. The file's absolute imports (torch, stock ultralytics) resolve as usual; its
-relative imports load sibling files under DIR, privately too. The parent packages are empty stand-ins: no
-`__init__.py` of the fork runs. The resolved classes join the gated unpickler's table for this run only;
-instances are still created with `cls.__new__` and filled by a vetted dict update, never by their own
-`__setstate__` or `__reduce__`.
+each from exactly the one file its pickled module path names under DIR (`ultralytics.nn.Addmodules.BiFormer`
+-> `DIR/ultralytics/nn/Addmodules/BiFormer.py`; never a package's `__init__.py`), and only when that file's
+source defines the class at its top level (read with `ast`, before anything runs). It is executed under a
+private module name (`_yolo_attn_user_code.d0.ultralytics.nn.Addmodules.BiFormer`) so it never shadows the
+installed ultralytics or our packages, with bytecode writing off (nothing lands in the user's folder). The
+file's absolute imports (torch, stock ultralytics) resolve as usual; its relative imports load sibling files
+under DIR, privately too. The parent packages are empty stand-ins: no `__init__.py` of the fork runs. The
+resolved classes join the gated unpickler's table for this run only; instances are still created with
+`cls.__new__` and filled by a vetted dict update, never by their own `__setstate__` or `__reduce__`.
 """
 
+import ast
 import importlib.util
 import sys
 import types
@@ -18,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
+
+from export.text import shown
 
 PRIVATE_ROOT = "_yolo_attn_user_code"
 # Module roots that are never user code, whatever files DIR holds.
@@ -46,6 +50,9 @@ def resolve(qualnames, code_dirs):
     for qual in sorted(qualnames):
         module, _, name = qual.rpartition(".")
         index, path = _module_file(module, roots)
+        if not _defines_class(path, name):
+            raise CodeError(f"{path} defines no class {shown(name, 80)} at its top level (the checkpoint's "
+                            f"{shown(qual)}); nothing was run")
         namespace = _load(module, path, roots[index], index)
         cls = namespace.__dict__.get(name)
         if not (isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == namespace.__name__):
@@ -67,17 +74,35 @@ def pickled_name(cls):
 def _module_file(module, roots):
     parts = module.split(".")
     if not all(p.isidentifier() for p in parts) or parts[0] in NEVER_FROM_CODE:
-        raise CodeError(f"module {module[:80]!r} cannot come from --code (not a fork module path)")
+        raise CodeError(f"module {shown(module, 80)} cannot come from --code (not a fork module path)")
     for index, root in enumerate(roots):
-        for candidate in (root.joinpath(*parts).with_suffix(".py"), root.joinpath(*parts, "__init__.py")):
-            if candidate.is_file():
-                resolved = candidate.resolve()
-                if not resolved.is_relative_to(root):  # a symlink out of DIR: DIR is what the user opted into
-                    raise CodeError(f"{candidate} links outside {root}; --code only runs files under its folder")
-                return index, resolved
+        candidate = root.joinpath(*parts).with_suffix(".py")
+        if candidate.is_file():
+            resolved = candidate.resolve()
+            if not resolved.is_relative_to(root):  # a symlink out of DIR: DIR is what the user opted into
+                raise CodeError(f"{candidate} links outside {root}; --code only runs files under its folder")
+            return index, resolved
     where = ", ".join(str(r) for r in roots)
-    raise CodeError(f"no file for module {module} under {where} (looked for "
-                    f"{'/'.join(parts)}.py and {'/'.join(parts)}/__init__.py)")
+    raise CodeError(f"no file for module {module} under {where} (looked for {'/'.join(parts)}.py; a package's "
+                    f"__init__.py is never run)")
+
+
+def _defines_class(path, name):
+    """Whether the source of `path` has `class <name>` at module level (also inside if / try / with blocks, not
+    inside functions): parsed, not run."""
+    try:
+        tree = ast.parse(path.read_bytes(), str(path))
+    except (SyntaxError, ValueError, OSError) as e:
+        raise CodeError(f"{path} cannot be parsed ({type(e).__name__}); nothing was run") from None
+    statements = list(tree.body)
+    while statements:
+        node = statements.pop()
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return True
+        if not isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            for block in ("body", "orelse", "finalbody", "handlers"):
+                statements.extend(n for n in getattr(node, block, []) if isinstance(n, ast.stmt | ast.excepthandler))
+    return False
 
 
 def _load(module, path, root, index):
@@ -85,16 +110,18 @@ def _load(module, path, root, index):
     if private in sys.modules:
         return sys.modules[private]
     _stand_in_packages(root, module.split(".")[:-1], index)
-    spec = importlib.util.spec_from_file_location(private, path, submodule_search_locations=(
-        [str(path.parent)] if path.name == "__init__.py" else None))
+    spec = importlib.util.spec_from_file_location(private, path)
     namespace = importlib.util.module_from_spec(spec)
     sys.modules[private] = namespace
+    writing, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in the user's folder
     try:
         spec.loader.exec_module(namespace)
     except BaseException as e:  # the user's own code failing to import: one line, their file named
         del sys.modules[private]
         detail = str(e).splitlines()[0][:200] if str(e) else ""
-        raise CodeError(f"importing {path} failed: {type(e).__name__}: {detail}") from None
+        raise CodeError(f"importing {path} failed: {type(e).__name__}: {shown(detail)}") from None
+    finally:
+        sys.dont_write_bytecode = writing
     return namespace
 
 

@@ -36,6 +36,7 @@ from export.graph.rewrite import outermost_user_blocks, rewrite
 from export.graph.to_onnx import export_yolo
 from export.inputs.images import parse_imgsz, read_images, tile
 from export.report.export_report import write_report
+from export.text import shown
 from export.verify.accuracy import LabelledMAP
 from export.verify.localize import localize
 from export.verify.parity import MAX_PICTURED, compare
@@ -168,7 +169,8 @@ def _is_demo(weights):
 # ---- graph -----------------------------------------------------------------------------------------------------
 def rewrite_blocks(args, inputs):
     """Export twins for the family blocks (each checked on its real input), the --code blocks as written."""
-    twin, checks = rewrite(inputs.loaded.model, inputs.imgsz, images=inputs.images[:1])
+    _first_forward(inputs)
+    twin, checks = _stage("rewrite", lambda: rewrite(inputs.loaded.model, inputs.imgsz, images=inputs.images[:1]))
     user_blocks = _as_written(twin, inputs.loaded)
     _check_excludes(twin, args.int8_exclude, inputs.kind)
     plugin_blocks = plugins.apply(twin) if args.plugins else 0
@@ -176,6 +178,19 @@ def rewrite_blocks(args, inputs):
         say(f"  {c.name}: {c.reference} -> {c.twin}, max abs diff {c.max_abs:.3g} ({c.rel:.2g} of scale)"
             + (f"; note: {c.note}" if c.note else ""))
     return Rewritten(twin, checks, user_blocks, plugin_blocks)
+
+
+def _first_forward(inputs):
+    """The checkpoint's own model on one probe image, before anything of ours runs on it: a failure here comes
+    from the checkpoint's values, so it is bad input (exit 2), in one line."""
+    h, w = inputs.imgsz
+    try:
+        with torch.no_grad():
+            models.reference_at(inputs.loaded.model, h, w)(inputs.images[:1])
+    except Exception as e:
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise BadInput(f"{inputs.loaded.path}: the checkpoint's model fails on a {h}x{w} image ({type(e).__name__}: "
+                       f"{shown(detail)}); pass the best.pt that training wrote, or another --imgsz") from None
 
 
 def _as_written(twin, loaded):
@@ -427,7 +442,9 @@ def finish(report, out):
 
 # ---- console and stage failures ---------------------------------------------------------------------------------
 def say(text):
-    tqdm.write(text)  # keeps progress bars and messages on separate lines
+    """One console line, escaped: it may quote names from the checkpoint. tqdm.write keeps progress bars and
+    messages on separate lines."""
+    tqdm.write(shown(text, 10_000))
 
 
 def _stage(name, fn):

@@ -5,6 +5,7 @@ import json
 
 from export.checkpoint.kinds import KINDS
 from export.files import atomic_write
+from export.text import shown
 from export.report.labels import BACKEND_LABEL, backend_label
 from export.report.pictures import block_errors_plot, blocks_plot, detections_plot, parity_plot
 
@@ -46,7 +47,7 @@ def markdown(report):
                   "class flips (FLIP).", "", "![detections](detections.png)", ""]
     if report["checkpoint"]["remapped"]:
         lines += ["## Classes remapped", "", "| in the checkpoint | reconstructed as |", "|---|---|"]
-        lines += [f"| `{k}` | `{v}` |" for k, v in report["checkpoint"]["remapped"].items()] + [""]
+        lines += [f"| `{shown(k)}` | `{v}` |" for k, v in report["checkpoint"]["remapped"].items()] + [""]
     lines += ["## Rewritten blocks (export twin vs reference on this block's real input)", "",
               "| block | reference → twin | input | max abs | rel | note |", "|---|---|---|---|---|---|"]
     lines += [f"| `{m['name']}` | {m['reference']} → {m['twin']} | {'x'.join(map(str, m['input_shape']))} | "
@@ -167,7 +168,7 @@ def _as_written_lines(blocks):
              "proves them.", "", "| block | class | source file | generic rewrites |", "|---|---|---|---|"]
     for name, b in blocks.items():
         rewrites = "; ".join(f"{r['rewrite']}: {r['detail']}" for r in b["rewrites"]) or "none"
-        lines.append(f"| `{name}` | `{b['class']}` | `{b['file']}` | {rewrites} |")
+        lines.append(f"| `{name}` | `{shown(b['class'])}` | `{b['file']}` | {rewrites} |")
     return lines
 
 
