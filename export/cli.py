@@ -133,6 +133,9 @@ def parity_parser():
     p.add_argument("--onnx", type=Path, required=True)
     p.add_argument("--engine", type=Path, default=None)
     p.add_argument("--images", type=Path, default=models.DEMO_DIR / "images")
+    p.add_argument("--imgsz", default=None, help="N or H,W (default: the size the ONNX file was exported at)")
+    p.add_argument("--code", type=Path, action="append", default=[], metavar="DIR",
+                   help="as for the main job: import unknown blocks' classes from your fork's source (runs that code)")
     p.add_argument("--bench", type=int, default=0, help="timed calls per backend per round, backends interleaved")
     return p
 
@@ -156,5 +159,7 @@ def bench_parser():
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: torch's)")
     p.add_argument("--images", type=Path, default=models.DEMO_DIR / "images", help="input: the first image here")
+    p.add_argument("--code", type=Path, action="append", default=[], metavar="DIR",
+                   help="as for the main job: import unknown blocks' classes from your fork's source (runs that code)")
     p.add_argument("--out", type=Path, default=Path("runs") / "bench")
     return p

@@ -135,8 +135,9 @@ def write_fork(root, extra=None):
     return Path(root)
 
 
-def save_checkpoint(root, path, placement=PLACEMENT, nc=2):
-    """A yolov8n with the blocks from root's fork files, saved as ultralytics saves best.pt (half weights)."""
+def save_checkpoint(root, path, placement=PLACEMENT, nc=2, cls_bias=None):
+    """A yolov8n with the blocks from root's fork files, saved as ultralytics saves best.pt (half weights).
+    `cls_bias`: the class biases set to this (+6 saturates every score)."""
     from ultralytics.nn.tasks import DetectionModel
 
     added = _import_as_fork(root, {name for name, _ in placement.values()})
@@ -146,6 +147,8 @@ def save_checkpoint(root, path, placement=PLACEMENT, nc=2):
             model.model[index] = _after(model.model[index], getattr(sys.modules[f"{PACKAGE}.{name}"], name)(channels))
         model.names = {i: f"class{i}" for i in range(nc)}
         _randomise_batchnorm(model)
+        for branch in model.model[-1].cv3 if cls_bias is not None else ():
+            branch[-1].bias.data.fill_(cls_bias)
         ckpt = {"model": copy.deepcopy(model).half(), "ema": None, "epoch": 1, "train_args": {"imgsz": IMGSZ}}
         torch.save(ckpt, path)
     finally:

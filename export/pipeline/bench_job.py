@@ -15,7 +15,8 @@ import torch
 import models
 from export.checkpoint import from_yaml, load
 from export.errors import EXIT_OK
-from export.graph.rewrite import rewrite
+from export.graph import generic
+from export.graph.rewrite import outermost_user_blocks, rewrite
 from export.graph.to_onnx import export_yolo, onnx_metadata, onnx_precision
 from export.inputs.images import parse_imgsz, read_images, tile
 from export.report.bench_report import bench_table, write_bench
@@ -72,7 +73,7 @@ def _key(name, precision):
 
 def _subjects(args, imgsz, images):
     specs = [_spec(m) for m in args.models]
-    checkpoints = {p: load(p) for _, p in specs if p.suffix not in (".onnx", ".yaml", ".yml")}
+    checkpoints = {p: load(p, code=args.code) for _, p in specs if p.suffix not in (".onnx", ".yaml", ".yml")}
     nc = args.nc or next((c.nc for c in checkpoints.values()), 80)
     subjects = {}
     for name, path in specs:
@@ -86,7 +87,8 @@ def _subjects(args, imgsz, images):
         files = {}
         for precision in ("fp32", "fp16") if args.half else ("fp32",):
             files[precision] = args.out / f"{name}{'' if precision == 'fp32' else '_fp16'}.onnx"
-            export_yolo(twin, loaded, files[precision], imgsz, batch=args.batch, half=precision == "fp16")
+            with generic.exportable_calls(twin, outermost_user_blocks(twin)):  # --code blocks as the main job
+                export_yolo(twin, loaded, files[precision], imgsz, batch=args.batch, half=precision == "fp16")
         subjects[name] = Subject(name, files, models.reference_at(loaded.model, *imgsz))
     return list(subjects.values())
 

@@ -2,19 +2,23 @@
 
     python -m export parity --weights best.pt --onnx runs/export/best/best.onnx [--engine E] [--bench 30]
 
-The image size, batch and precision come from the ONNX file's metadata; the verdict is the main job's.
+The batch and precision come from the ONNX file's metadata, the image size too unless --imgsz names another
+(a dynamic export); `--code` imports a fork's blocks as the main job does. The verdict is the main job's.
 Prints the results as JSON.
 """
 
 import ast
 import json
 
+import torch
+
 import models
 from export.checkpoint import kinds, load
 from export.errors import EXIT_OK, EXIT_VERDICT_FAILED
+from export.graph.rewrite import rewrite
 from export.graph.to_onnx import onnx_metadata, onnx_precision
-from export.inputs.images import read_images, tile
-from export.verify.parity import compare
+from export.inputs.images import parse_imgsz, read_images, tile
+from export.verify.parity import compare, own_fp16_error, thresholds_for
 from export.verify.runners import OrtRunner, TorchRunner, TrtRunner, engine_runtime
 from export.verify.timing import interleaved
 
@@ -28,9 +32,10 @@ def run(args):
 
 def check(args):
     meta = onnx_metadata(args.onnx)
-    imgsz, batch = tuple(ast.literal_eval(meta.get("imgsz", "[640, 640]"))), int(meta.get("batch", 1))
-    precision = onnx_precision(meta)
-    loaded = load(args.weights)
+    batch, precision = int(meta.get("batch", 1)), onnx_precision(meta)
+    loaded = load(args.weights, code=args.code)
+    imgsz = parse_imgsz(args.imgsz if args.imgsz else ast.literal_eval(meta.get("imgsz", "[640, 640]")),
+                        max(loaded.stride))
     images = tile(read_images(args.images, imgsz), batch)
     runners, results = {"onnxruntime": OrtRunner(args.onnx)}, {}
     if args.engine:
@@ -40,8 +45,15 @@ def check(args):
         else:
             results["tensorrt"] = {"skipped": reason}
     reference = TorchRunner(models.reference_at(loaded.model, *imgsz))
+    own = None
+    if precision == "fp16":  # fp16 is held to what fp16 itself costs this model, as in the main job
+        twin, _ = rewrite(loaded.model, imgsz, images=torch.from_numpy(images[:1]))
+        own = own_fp16_error(reference, twin, images, batch)
     for backend, runner in runners.items():
-        results[backend] = compare(reference, runner, images, precision, batch, kinds.of(loaded).to_v8_layout)
+        results[backend] = compare(reference, runner, images, precision, batch, kinds.of(loaded).to_v8_layout,
+                                   thresholds_for(precision, own))
+        if own is not None:
+            results[backend]["fp16_own_rel_max_abs"] = own
         results[backend].pop("abs_diff_sample")
         results[backend].pop("detections_sample")
     if args.bench:

@@ -42,7 +42,8 @@ def _plot_speed(ax_speed, speed):
 
 def detections_plot(images, pictured, labels, names, path):
     """One row per parity image, one column per backend: boxes with class and confidence (ultralytics'
-    Annotator), the disagreements with PyTorch marked, and a one-line count per panel."""
+    Annotator), the disagreements with PyTorch marked as the verdict judged them (real ones in red / magenta,
+    borderline ones in grey), and a one-line count per panel."""
     from ultralytics.utils.plotting import Annotator, colors
 
     plt = _pyplot()
@@ -53,33 +54,53 @@ def detections_plot(images, pictured, labels, names, path):
     for i in range(rows):
         picture = np.ascontiguousarray((images[i].transpose(1, 2, 0) * 255).astype(np.uint8))  # RGB
         panels = [("PyTorch (reference)", reference[i], None)]
-        panels += [(labels[b], pictured[b]["backend"][i], disagreements(reference[i], pictured[b]["backend"][i]))
-                   for b in backends]
+        panels += [(labels[b], pictured[b]["backend"][i], _judged(pictured[b], reference[i], i)) for b in backends]
         for ax, (title, dets, diff) in zip(axes[i], panels):
             ann = Annotator(picture.copy(), line_width=1, example=str(names))
             _draw(ann, dets, reference[i], diff, names, colors)
             count = f"{len(dets)} boxes" + (f"; {len(diff['missed'])} missed, {len(diff['extra'])} extra, "
                                             f"{len(diff['flips'])} flips" if diff else "")
+            count += f"; {len(diff['borderline'])} borderline" if diff and diff.get("borderline") else ""
             ax.imshow(ann.result())
             ax.set_title(f"{title}\n{count}", fontsize=8)
             ax.set_axis_off()
     _save(fig, path)
 
 
-MISSED, WRONG = (255, 0, 255), (255, 0, 0)  # RGB: magenta for a missed box, red for an extra or flipped one
+# RGB: magenta for a missed box, red for an extra or flipped one, grey for a borderline one (a decision flipped on
+# values equal within the precision's tolerance: not counted against the backend)
+MISSED, WRONG, BORDERLINE = (255, 0, 255), (255, 0, 0), (150, 150, 150)
+
+
+def _judged(sample, reference, i):
+    """The verdict's judgement of image i; a sample without one (an older report) gets the plain matching."""
+    judged = sample.get("judged")
+    return judged[i] if judged else {**disagreements(reference, sample["backend"][i]), "borderline": []}
 
 
 def _draw(ann, dets, reference, diff, names, colors):
-    flagged = set(diff["extra"]) | {d for _, d in diff["flips"]} if diff else set()
+    diff = diff or {"missed": [], "extra": [], "flips": [], "borderline": []}
+    flagged = set(diff["extra"]) | {d for _, d in diff["flips"]}
+    grey_extra = {item if side == "extra" else item[1] for side, item, _ in diff["borderline"] if side != "missed"}
     for k, box in enumerate(dets):
         cls = int(box[5])
-        label = f"{names.get(cls, names.get(str(cls), cls))} {box[4]:.2f}"
+        label = f"{_name(names, cls)} {box[4]:.2f}"
         if k in flagged:
             label = ("EXTRA " if k in diff["extra"] else "FLIP ") + label
-        ann.box_label(box[:4], label, color=WRONG if k in flagged else colors(cls, False))
-    for g in diff["missed"] if diff else []:
-        cls = int(reference[g][5])
-        ann.box_label(reference[g][:4], f"MISSED {names.get(cls, names.get(str(cls), cls))}", color=MISSED)
+        elif k in grey_extra:
+            label = "BORDERLINE " + label
+        color = WRONG if k in flagged else BORDERLINE if k in grey_extra else colors(cls, False)
+        ann.box_label(box[:4], label, color=color)
+    for g in diff["missed"]:
+        ann.box_label(reference[g][:4], f"MISSED {_name(names, int(reference[g][5]))}", color=MISSED)
+    for side, item, kind in diff["borderline"]:
+        if side == "missed":
+            ann.box_label(reference[item][:4], f"BORDERLINE ({kind}) {_name(names, int(reference[item][5]))}",
+                          color=BORDERLINE)
+
+
+def _name(names, cls):
+    return names.get(cls, names.get(str(cls), cls))
 
 
 def block_errors_plot(report, path):

@@ -3,6 +3,7 @@
 A new backend is one more runner here: parity, labelled accuracy and timing take any callable of that form.
 """
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +12,18 @@ import torch
 
 
 class TorchRunner:
+    """A PyTorch model on the CPU; `half`: a copy of it run in fp16 (fp16 weights and inputs), what fp16 itself
+    costs the model."""
+
     name = "torch"
 
-    def __init__(self, model):
-        self.model = model.eval()
+    def __init__(self, model, half=False):
+        self.model, self.half = (copy.deepcopy(model).half() if half else model).eval(), half
 
     def __call__(self, images):
+        x = torch.from_numpy(images)
         with torch.no_grad():
-            y = self.model(torch.from_numpy(images))
+            y = self.model(x.half() if self.half else x)
         return (y[0] if isinstance(y, (list, tuple)) else y).float().numpy()
 
 
