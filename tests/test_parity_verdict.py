@@ -65,6 +65,15 @@ def test_a_real_change_at_an_anchor_is_a_disagreement():
     assert v["box_recall"] == pytest.approx(14 / 16) and sum(v["borderline"].values()) == 0
 
 
+def test_a_single_class_model_has_no_class_ties():
+    ref = _grid_output(4, nc=1)
+    ref[0, 4, 0] = CONF + 2e-8
+    out = ref.copy()
+    out[0, 4, 0] = CONF - 2e-8
+    v = _verdict(ref, out)
+    assert v["box_recall"] == 1.0 and v["borderline"] == {"confidence": 1, "class": 0, "nms_or_cap": 0}
+
+
 def test_nothing_detected_is_said_plainly():
     quiet = _grid_output(4, score=0.01)
     v = _verdict(quiet, quiet.copy())
@@ -118,9 +127,16 @@ def test_exact_export_of_a_saturated_code_block_model_passes(tmp_path):
 
     root = user_blocks.write_fork(tmp_path / "fork")
     weights = user_blocks.save_checkpoint(root, tmp_path / "best.pt", cls_bias=6.0)
-    assert main(["--weights", str(weights), "--code", str(root), "--out", str(tmp_path / "out")]) == 0
-    parity = json.loads((tmp_path / "out" / "report.json").read_text())["parity"]["onnxruntime"]
-    assert parity["pass"] and parity["detections_torch"] >= 4 * 40
+    for extra in ([], ["--half"]):
+        out = tmp_path / ("fp16" if extra else "fp32")
+        assert main(["--weights", str(weights), "--code", str(root), "--out", str(out), *extra]) == 0
+        parity = json.loads((out / "report.json").read_text())["parity"]["onnxruntime"]
+        assert parity["pass"] and parity["detections_torch"] >= 4 * 40
+    # the export re-checked alone: `parity` takes --code as the main job does
+    onnx_file = next((tmp_path / "fp16").glob("*_fp16.onnx"))
+    assert main(["parity", "--weights", str(weights), "--onnx", str(onnx_file), "--code", str(root)]) == 0
+    assert main(["bench", str(weights), "--code", str(root), "--imgsz", "64", "--rounds", "1", "--iterations", "1",
+                 "--warmup", "0", "--out", str(tmp_path / "bench")]) == 0
 
 
 # ---- planted faults: the verdict fails ------------------------------------------------------------------------
