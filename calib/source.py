@@ -8,6 +8,7 @@ inference letterboxes (export.inputs.images.letterbox), in batches of the export
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 from tqdm import tqdm
@@ -34,7 +35,11 @@ def calibration_files(calib_dir=None, data_yaml=None, n=DEFAULT_N):
                            "--data DATA.yaml (its train split is used)")
     if not files:
         raise DatasetError(f"{source}: no images (.jpg/.png/...) found for INT8 calibration")
-    return spread(files, n), source
+    chosen = spread(files, n)
+    unreadable = next((f for f in chosen if cv2.imread(str(f), cv2.IMREAD_REDUCED_GRAYSCALE_8) is None), None)
+    if unreadable is not None:  # found now, before the run writes anything, not in the middle of calibration
+        raise DatasetError(f"{source}: {unreadable} cannot be read as an image; remove it or pass other images")
+    return chosen, source
 
 
 def spread(files, n):

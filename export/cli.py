@@ -4,10 +4,12 @@
     python -m export parity --weights W --onnx F [--engine E]      an existing export against its checkpoint
     python -m export bench MODEL [MODEL ...]                       several models timed side by side
 
-Exit codes: 0 ok, 2 bad input, 3 export or build failed, 4 parity or int8 accuracy failed (artifacts still written).
+Exit codes: 0 ok, 2 bad input, 3 export or build failed, 4 parity or int8 accuracy failed (artifacts still written),
+130 interrupted (Ctrl-C).
 """
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -18,7 +20,7 @@ import models
 from calib.quantize import METHODS
 from calib.source import DEFAULT_N
 from export.engine.build import PRECISIONS
-from export.errors import EXIT_STAGE_FAILED, BadInput, StageFailed
+from export.errors import EXIT_INTERRUPTED, EXIT_STAGE_FAILED, BadInput, StageFailed
 from export.inputs.images import MAX_IMAGES
 from export.pipeline import bench_job, export_job, parity_job
 from export.text import shown
@@ -28,9 +30,16 @@ MAX_MESSAGE = 2000  # characters of one error line
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # artifacts are written atomically: none is left half-written under its final name
+        print("error: interrupted; nothing half-written (artifacts appear whole or not at all)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv):
     if argv[:1] == ["parity"]:
-        return _guarded(parity_job.run, parity_parser().parse_args(argv[1:]))
+        return _guarded(parity_job.run, parity_parser().parse_args(argv[1:]), check=check_parity)
     if argv[:1] == ["bench"]:
         return _guarded(bench_job.run, bench_parser().parse_args(argv[1:]), check=check_bench)
     args = parser().parse_args(argv)
@@ -68,19 +77,62 @@ def check(args):
         raise BadInput("--engine fp32 builds from an fp32 ONNX: drop --half (or use --engine fp16)")
     if not (args.int8 or args.engine == "int8") and (args.calib or args.int8_exclude):
         raise BadInput("--calib and --int8-exclude configure the int8 model: add --int8 (or --engine int8)")
+    check_out(args.out)
+    check_code(args.code)
+
+
+def check_out(out):
+    """--out must be a folder we can create or write: checked before loading, so nothing is written first."""
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file, not a folder; pass a folder (it is created if missing)")
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not existing.is_dir():
+        raise BadInput(f"--out {out}: {existing} is a file, so the folder cannot be created; pass another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInput(f"--out {out}: {existing} is not writable; pass a folder you can write to")
+
+
+def check_code(folders):
+    for folder in folders:
+        if not folder.is_dir():
+            raise BadInput(f"--code {folder}: not a folder; pass your fork's root folder (the one holding its "
+                           f"ultralytics/ or models/ package)")
+        if next(folder.rglob("*.py"), None) is None:
+            raise BadInput(f"--code {folder}: no Python files under it; pass your fork's root folder")
 
 
 def check_bench(args):
     if min(args.batch, args.rounds, args.iterations) < 1 or args.warmup < 0 or (args.threads or 1) < 1:
         raise BadInput("--batch, --rounds, --iterations and --threads must be >= 1, --warmup >= 0")
+    check_out(args.out)
+    check_code(args.code)
+
+
+def check_parity(args):
+    check_code(args.code)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (the usage is one --help away), exit code 2 as argparse's."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _prog(sub=""):
+    """How the user called us: the console script or `python -m export`."""
+    name = "yolo-attn-export" if Path(sys.argv[0]).name == "yolo-attn-export" else "python -m export"
+    return f"{name} {sub}".strip()
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0],
+    p = _Parser(prog=_prog(), description=__doc__.splitlines()[0],
                                 epilog="Also: python -m export parity --weights W --onnx F [--engine E] [--bench N]; "
                                        "python -m export bench MODEL [MODEL ...] (see its --help). "
                                        "Exit codes: 0 ok, 2 bad input, 3 export or build failed, 4 parity or int8 "
-                                       "accuracy failed.")
+                                       "accuracy failed, 130 interrupted.")
     p.add_argument("--weights", type=Path, default=models.demo_checkpoint("sta"),
                    help="checkpoint to export (default: the shipped STA demo model)")
     p.add_argument("--code", type=Path, action="append", default=[], metavar="DIR",
@@ -128,7 +180,7 @@ def parser():
 
 
 def parity_parser():
-    p = argparse.ArgumentParser(prog="python -m export parity", description="Compare ONNX/TensorRT with PyTorch.")
+    p = _Parser(prog=_prog("parity"), description="Compare ONNX/TensorRT with PyTorch.")
     p.add_argument("--weights", type=Path, required=True)
     p.add_argument("--onnx", type=Path, required=True)
     p.add_argument("--engine", type=Path, default=None)
@@ -141,8 +193,8 @@ def parity_parser():
 
 
 def bench_parser():
-    p = argparse.ArgumentParser(
-        prog="python -m export bench",
+    p = _Parser(
+        prog=_prog("bench"),
         description="Time several models side by side on ONNX Runtime (CPU): interleaved rounds, one run. Each "
                     "MODEL is a checkpoint (.pt, exported here), a model YAML (yolov8n.yaml, untrained: "
                     "architecture only) or an .onnx file (its precision read from its metadata). Ratios are "

@@ -6,6 +6,7 @@ run writes its report and exits with EXIT_VERDICT_FAILED.
 """
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_STAGE_FAILED, EXIT_VERDICT_FAILED = 0, 2, 3, 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 class BadInput(Exception):

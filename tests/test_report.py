@@ -40,7 +40,9 @@ def test_verdict_names_the_deciding_figure():
     lines = export_report.verdicts(rep)
     assert lines[0] == "- ONNX Runtime (fp16): pass, max abs / output scale 0.015 (limit <= 0.02)"
     assert lines[1] == "- TensorRT (fp16): **FAIL**, box recall 0.5 (limit >= 0.95)"
-    assert lines[2].startswith("- ONNX Runtime (int8 file): not run (no GPU)")
+    assert lines[2].startswith("- ONNX Runtime (int8): not run (no GPU)")
+    assert export_report.verdicts({"parity": {"onnxruntime": _parity(rel_max_abs=3.783751e-07)}})[0].endswith(
+        "max abs / output scale 3.8e-7 (limit <= 0.02)")
     assert export_report.verdicts({"parity": {"onnxruntime": _parity(finite=False, **{"pass": False})}})[0].endswith(
         "**FAIL**, non-finite outputs")
 

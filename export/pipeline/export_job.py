@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
@@ -104,6 +105,7 @@ class Verified:
     speed: dict = None
     bench: dict = None
     blocks: dict = None
+    runtime: dict = field(default_factory=dict)  # ONNX Runtime version and providers, the TensorRT flavour built with
 
 
 # ---- the job ---------------------------------------------------------------------------------------------------
@@ -315,7 +317,7 @@ def _engine_metadata(args, inputs, precision):
 def verify(args, plan, inputs, rewritten, exported, engine):
     """Parity of every backend against PyTorch, labelled accuracy, speed: whatever the arguments ask for."""
     verified = Verified()
-    runners = _runners(inputs, rewritten.twin, plan, exported.files, engine, verified.parity)
+    runners = _runners(inputs, rewritten.twin, plan, exported.files, engine, verified.parity, verified.runtime)
     precisions = precision_of(plan, engine)
     batch_images = tile(inputs.images, args.batch)
     if not args.no_parity:
@@ -337,19 +339,43 @@ def precision_of(plan, engine):
     return {"reference": "fp32", "torch": "fp32", **keys, "tensorrt": engine.build.get("precision") if engine else None}
 
 
-def _runners(inputs, twin, plan, files, engine, parity):
+def _runners(inputs, twin, plan, files, engine, parity, runtime):
     """reference (the checkpoint's own modules), torch (export twin), one ONNX Runtime runner per file, TensorRT.
-    An engine that cannot run here is recorded in `parity` as skipped, with the reason."""
+    An engine that cannot run here is recorded in `parity` as skipped, with the reason; what runs them, in
+    `runtime`."""
     reference = models.reference_at(inputs.loaded.model, *inputs.imgsz)
     runners = {"reference": TorchRunner(reference), "torch": TorchRunner(twin)}
     runners.update({plan.backend_key(p): OrtRunner(path) for p, path in files.items()})
+    providers = next(r.providers for b, r in runners.items() if b.startswith("onnxruntime"))
+    runtime["onnxruntime"], runtime["providers"] = ort.__version__, providers
+    runtime["tensorrt"] = engine.build["backend"] if engine else None
+    say(f"ONNX Runtime {ort.__version__}: providers {', '.join(providers)}"
+        + ("; " + ORT_TWICE if ort_installed_twice() else ""))
     if engine:
         trt, reason = engine_runtime()
         if trt is None:
             parity["tensorrt"] = {"skipped": reason}
+            say(f"parity tensorrt: skipped ({reason})")
         else:
             runners["tensorrt"] = TrtRunner(engine.path, trt)
     return runners
+
+
+ORT_TWICE = ("onnxruntime and onnxruntime-gpu are both installed: they share one module and break each other; keep "
+             "one: `pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu` (GPU) or "
+             "`... && pip install onnxruntime` (CPU)")
+
+
+def ort_installed_twice():
+    """Whether both ONNX Runtime distributions are installed (the second silently overwrites the first's files)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name):
+        try:
+            return bool(version(name))
+        except PackageNotFoundError:
+            return False
+    return installed("onnxruntime") and installed("onnxruntime-gpu")
 
 
 def _parity(verified, runners, images, precisions, batch, inputs, rewritten):
@@ -422,7 +448,7 @@ def assemble_report(args, plan, inputs, rewritten, exported, int8, lint_findings
               "engine": str(engine.path) if engine else None, "imgsz": list(inputs.imgsz), "batch": args.batch,
               "dynamic": args.dynamic, "precision": plan.primary, "lint": lint_findings,
               "modules": [c.as_dict() for c in checks], "parity": verified.parity, "speed": verified.speed or {},
-              "notes": _notes(checks),
+              "notes": _notes(checks), "runtime": verified.runtime,
               "checkpoint": {"kind": loaded.kind, "source": loaded.source, "saved_half": loaded.saved_half,
                              "remapped": loaded.remapped, "names": loaded.names, "nc": loaded.nc,
                              "stride": loaded.stride, "train_imgsz": loaded.imgsz}}

@@ -20,7 +20,7 @@ def write_report(report, out):
         parity_plot(samples, report.get("speed", {}), out / "parity.png")
         report["pictures"].append("parity.png")
     if images is not None and any(pictured.values()):
-        labels = {b: f"{backend_label(b)}, {r.get('precision', '')}" for b, r in parity.items()}
+        labels = {b: backend_label(b, r.get("precision")) for b, r in parity.items()}
         detections_plot(images, pictured, labels, report["checkpoint"]["names"], out / "detections.png")
         report["pictures"].append("detections.png")
     if report.get("modules"):
@@ -40,7 +40,7 @@ def markdown(report):
              f"- ONNX: {_files(report)} (imgsz {report['imgsz']}, batch {report['batch']}"
              f"{', dynamic' if report['dynamic'] else ''})",
              f"- Engine: {('`' + report['engine'] + '`') if report.get('engine') else _skipped(report.get('engine_build'))}",
-             f"- Exit code: {report['exit_code']}", "", *verdicts(report), ""]
+             *_runtime_line(report.get("runtime")), f"- Exit code: {report['exit_code']}", "", *verdicts(report), ""]
     if "detections.png" in report.get("pictures", []):
         lines += ["## Detections side by side", "", "PyTorch (the reference) and every backend on the parity images; "
                   "marked: PyTorch boxes a backend missed (MISSED), backend boxes PyTorch does not have (EXTRA), "
@@ -69,7 +69,8 @@ def markdown(report):
             if "skipped" in r:
                 lines.append(f"| {backend_label(backend)} | skipped: {r['skipped']} |||||||||||")
                 continue
-            lines.append(f"| {backend_label(backend)} | {r.get('precision', '')} | {r['max_abs']:.3g} | {r['mean_abs']:.3g} | "
+            lines.append(f"| {BACKEND_LABEL.get(backend.partition('_')[0], backend)} | {r.get('precision', '')} | "
+                         f"{r['max_abs']:.3g} | {r['mean_abs']:.3g} | "
                          f"{r['cosine']:.7f} | {r['top_anchor_max_rel']:.3g} | {r['box_recall']:.3f} | "
                          f"{r['box_precision']:.3f} | {_borderline(r)} | {r['mean_iou']:.4f} | {r['map50_95']:.3f} | "
                          f"{'yes' if r['pass'] else '**NO**'} |")
@@ -109,7 +110,7 @@ def verdicts(report):
         if "skipped" in r:
             lines.append(f"- {backend_label(backend)}: not run ({r['skipped']})")
             continue
-        lines.append(f"- {backend_label(backend)} ({r['precision']}): {'pass' if r['pass'] else '**FAIL**'}, "
+        lines.append(f"- {backend_label(backend, r['precision'])}: {'pass' if r['pass'] else '**FAIL**'}, "
                      f"{_deciding(r)}")
     if "int8" in report and "drop_points" in report["int8"]:
         i8 = report["int8"]
@@ -128,7 +129,13 @@ def _deciding(r):
         return (limit / max(value, 1e-30)) if op == "<=" else (1 - limit) / max(1 - value, 1e-30)
 
     key, what, op = min(CRITERIA, key=lambda c: margin(c[0], c[2]))
-    return f"{what} {r[key]:.7g} (limit {op} {limits[key]:.7g})"
+    return f"{what} {_short(key, r[key])} (limit {op} {_short(key, limits[key])})"
+
+
+def _short(key, value):
+    """A figure as a reader wants it: the cosine to 7 digits (its story is in the nines), the rest to 2-3."""
+    text = f"{value:.7g}" if key == "cosine" else f"{value:.3g}" if key.startswith("box") else f"{value:.2g}"
+    return text.replace("e-0", "e-").replace("e+0", "e+")
 
 
 def _bench_setting(b):
@@ -224,6 +231,13 @@ def _accuracy_lines(acc):
               f"{r['precision']} | {r['map50']:.4f} | {r['map50_95']:.4f} | {r['drop_points_vs_torch']:+.2f} | "
               f"{r['box_p']:.3f} | {r['box_r']:.3f} | {r['images']} | {r['instances']} |" for r in acc["models"]]
     return lines
+
+
+def _runtime_line(runtime):
+    if not runtime:
+        return []
+    trt = runtime.get("tensorrt") or "none (no engine built)"
+    return [f"- Ran with: ONNX Runtime {runtime['onnxruntime']} ({', '.join(runtime['providers'])}); TensorRT: {trt}"]
 
 
 def _borderline(r):

@@ -3,6 +3,8 @@
 BACKEND_LABEL = {"torch": "PyTorch (export twin)", "onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}
 
 
-def backend_label(backend):
-    base, _, precision = backend.partition("_")
-    return BACKEND_LABEL.get(base, base) + (f" ({precision} file)" if precision else "")
+def backend_label(backend, precision=None):
+    """'onnxruntime_fp16' -> 'ONNX Runtime (fp16)'; `precision` names the primary file's too. One precision, once."""
+    base, _, own = backend.partition("_")
+    shown = own or precision
+    return BACKEND_LABEL.get(base, base) + (f" ({shown})" if shown else "")

@@ -82,8 +82,8 @@ def _draw(ann, dets, reference, diff, names, colors):
     diff = diff or {"missed": [], "extra": [], "flips": [], "borderline": []}
     flagged = set(diff["extra"]) | {d for _, d in diff["flips"]}
     grey_extra = {item if side == "extra" else item[1] for side, item, _ in diff["borderline"] if side != "missed"}
-    for k, box in enumerate(dets):
-        cls = int(box[5])
+    for k in np.argsort([box[4] for box in dets], kind="stable"):  # least confident first: the top label is on top
+        box, cls = dets[k], int(dets[k][5])
         label = f"{_name(names, cls)} {box[4]:.2f}"
         if k in flagged:
             label = ("EXTRA " if k in diff["extra"] else "FLIP ") + label
@@ -110,13 +110,20 @@ def block_errors_plot(report, path):
     located = report.get("localization", {}).get("block_errors", {})
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.6))
     y = np.arange(len(names))
-    ax.barh(y - (0.2 if located else 0), [max(m["rel"], 1e-12) for m in report["modules"]], height=0.4,
-            label="export twin vs reference (PyTorch, fp32)")
+    rows = [(y - (0.2 if located else 0), [m["rel"] for m in report["modules"]],
+             "export twin vs reference (PyTorch, fp32)")]
     if located:
-        backend = report["localization"]["backend"]
-        ax.barh(y + 0.2, [max(located.get(n, 0), 1e-12) for n in names], height=0.4,
-                label=f"{backend_label(backend)} vs reference")
+        rows.append((y + 0.2, [located.get(n, 0) for n in names],
+                     f"{backend_label(report['localization']['backend'])} vs reference"))
+    exact = []
+    for at, values, label in rows:  # an exact match has no bar on a log axis: it is labelled "exact" instead
+        ax.barh(at, [v if v > 0 else np.nan for v in values], height=0.4, label=label)
+        exact += [a for a, v in zip(at, values) if v == 0]
     ax.set_xscale("log")
+    if not any(v > 0 for _, values, _ in rows for v in values):
+        ax.set_xlim(1e-12, 1)
+    for a in exact:
+        ax.text(ax.get_xlim()[0], a, " exact", va="center", fontsize=7)
     ax.set_yticks(y, names, fontsize=8)
     ax.invert_yaxis()
     ax.set(xlabel="max abs difference / output scale of the block", title="Where the error lives, per block")
@@ -173,4 +180,18 @@ def bench_plot(result, path):
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set(ylabel="% over the first model", title="ONNX Runtime CPU, paired per-round ratios (median)")
     ax.legend()
+    _save(fig, path)
+
+
+def latency_plot(rows, iqrs, path):
+    """One model on the bench: its median latency per file, with the interquartile range of the rounds."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 4))
+    medians = [r["median_ms"] for r in rows]
+    # the round medians are kept to 3 decimals, the median is not: clamp the rounding's sliver below zero
+    spread = [[max(0.0, m - q1) for m, (q1, _) in zip(medians, iqrs)],
+              [max(0.0, q3 - m) for m, (_, q3) in zip(medians, iqrs)]]
+    ax.bar(range(len(rows)), medians, yerr=spread, capsize=4)
+    ax.set_xticks(range(len(rows)), [f"{r['model']}\n{r['precision']}" for r in rows], fontsize=8)
+    ax.set(ylabel="ms per call", title="ONNX Runtime CPU latency (median of round medians, bar: IQR of rounds)")
     _save(fig, path)

@@ -8,6 +8,9 @@ we only feed it each backend's raw output in the (B, 4+nc, anchors) layout. One 
 images, every runner on the same batch, one validator per runner.
 """
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -99,7 +102,8 @@ def _validator(data, names):
 
     args = get_cfg(DEFAULT_CFG, {"task": "detect", "plots": False, "save_json": False, "save_txt": False,
                                  "verbose": False})
-    v = DetectionValidator(args=args)
+    with tempfile.TemporaryDirectory() as scratch:  # without a save_dir it makes runs/detect/train-N in the cwd
+        v = DetectionValidator(save_dir=Path(scratch), args=args)
     v.data, v.device, v.training = data, torch.device("cpu"), True  # training=True: no dataset max_det probing
     v.dataloader = None
     v.init_metrics(_Names(dict(enumerate(names)) if isinstance(names, (list, tuple)) else names))
