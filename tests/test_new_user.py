@@ -121,6 +121,8 @@ def test_a_bad_option_value_is_one_line_not_the_usage(capsys):
 def test_both_onnxruntime_distributions_are_detected(monkeypatch):
     import importlib.metadata
 
+    from export.verify import runners
+
     installed = {"onnxruntime": "1.31.1", "onnxruntime-gpu": "1.31.1"}
 
     def version(name):
@@ -129,9 +131,9 @@ def test_both_onnxruntime_distributions_are_detected(monkeypatch):
         return installed[name]
 
     monkeypatch.setattr(importlib.metadata, "version", version)
-    assert export_job.ort_installed_twice()
+    assert runners.ort_installed_twice()
     del installed["onnxruntime-gpu"]
-    assert not export_job.ort_installed_twice()
+    assert not runners.ort_installed_twice()
 
 
 def test_backend_labels_name_each_precision_once():

@@ -42,7 +42,7 @@ from export.verify.accuracy import LabelledMAP
 from export.verify.localize import localize
 from export.verify.parity import MAX_PICTURED, THRESHOLDS, compare, own_fp16_error, thresholds_for
 from export.verify.profile import module_costs, where_time_goes
-from export.verify.runners import OrtRunner, TorchRunner, TrtRunner, engine_runtime
+from export.verify.runners import ORT_TWICE, OrtRunner, TorchRunner, TrtRunner, engine_runtime, ort_installed_twice
 from export.verify.timing import DEFAULT_WARMUP, Fresh, interleaved, paired_ratios, thread_settings
 
 AS_WRITTEN = "no export twin: exported as written"
@@ -359,23 +359,6 @@ def _runners(inputs, twin, plan, files, engine, parity, runtime):
         else:
             runners["tensorrt"] = TrtRunner(engine.path, trt)
     return runners
-
-
-ORT_TWICE = ("onnxruntime and onnxruntime-gpu are both installed: they share one module and break each other; keep "
-             "one: `pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu` (GPU) or "
-             "`... && pip install onnxruntime` (CPU)")
-
-
-def ort_installed_twice():
-    """Whether both ONNX Runtime distributions are installed (the second silently overwrites the first's files)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(name):
-        try:
-            return bool(version(name))
-        except PackageNotFoundError:
-            return False
-    return installed("onnxruntime") and installed("onnxruntime-gpu")
 
 
 def _parity(verified, runners, images, precisions, batch, inputs, rewritten):

@@ -2,10 +2,10 @@
 console table."""
 
 import json
-import statistics
 
 from export.files import atomic_write
 from export.report.pictures import bench_plot, latency_plot
+from export.verify.timing import quartiles
 
 
 def write_bench(result, out):
@@ -25,8 +25,7 @@ def single_model(result):
 
 def round_iqr_ms(row):
     """[first, third] quartile of a row's round medians, ms."""
-    values = row["round_medians_ms"]
-    return statistics.quantiles(values, n=4, method="inclusive")[::2] if len(values) > 1 else [values[0]] * 2
+    return quartiles(row["round_medians_ms"])
 
 
 def bench_markdown(result):

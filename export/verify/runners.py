@@ -79,3 +79,20 @@ def engine_runtime():
         except ImportError:
             continue
     return None, "neither tensorrt nor tensorrt_rtx is installed"
+
+
+ORT_TWICE = ("onnxruntime and onnxruntime-gpu are both installed: they share one module and break each other; keep "
+             "one: `pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu` (GPU) or "
+             "`... && pip install onnxruntime` (CPU)")
+
+
+def ort_installed_twice():
+    """Whether both ONNX Runtime distributions are installed (the second silently overwrites the first's files)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name):
+        try:
+            return bool(version(name))
+        except PackageNotFoundError:
+            return False
+    return installed("onnxruntime") and installed("onnxruntime-gpu")

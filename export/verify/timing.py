@@ -88,7 +88,7 @@ def relative_to_first(rows):
         paired = [ratio - 1 for ratio in paired_ratios(row, base)]
         row["time_over_first"] = statistics.median(paired)
         row["time_over_first_rounds"] = [round(p, 4) for p in paired]
-        row["time_over_first_iqr"] = _quartiles(paired)
+        row["time_over_first_iqr"] = quartiles(paired)
         row["min_over_first"] = row["min_ms"] / base["min_ms"] - 1
         row["median_over_first"] = row["median_ms"] / base["median_ms"] - 1
         if row["flops"] and base["flops"]:
@@ -97,7 +97,7 @@ def relative_to_first(rows):
             row["within_bound"] = row is base or row["time_over_first"] <= row["time_bound"]
 
 
-def _quartiles(values):
+def quartiles(values):
     """[first, third] quartile (the interquartile range of the per-round ratios)."""
     if len(values) < 2:
         return [values[0], values[0]]
