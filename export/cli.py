@@ -77,6 +77,8 @@ def check(args):
         raise BadInput("--engine fp32 builds from an fp32 ONNX: drop --half (or use --engine fp16)")
     if not (args.int8 or args.engine == "int8") and (args.calib or args.int8_exclude):
         raise BadInput("--calib and --int8-exclude configure the int8 model: add --int8 (or --engine int8)")
+    if args.fp32_keep and not (args.half or args.engine in ("fp16", "int8") or args.int8):
+        raise BadInput("--fp32-keep configures the fp16 model: add --half (or --engine fp16)")
     check_out(args.out)
     check_code(args.code)
 
@@ -106,6 +108,8 @@ def check_code(folders):
 def check_bench(args):
     if min(args.batch, args.rounds, args.iterations) < 1 or args.warmup < 0 or (args.threads or 1) < 1:
         raise BadInput("--batch, --rounds, --iterations and --threads must be >= 1, --warmup >= 0")
+    if args.fp32_keep and not (args.half or args.engine in ("fp16", "int8") or args.int8):
+        raise BadInput("--fp32-keep configures the fp16 model: add --half (or --engine fp16)")
     check_out(args.out)
     check_code(args.code)
 
@@ -159,6 +163,9 @@ def parser():
                    help="largest int8 mAP50-95 drop against fp32 (points) before blocks are kept float")
     p.add_argument("--int8-exclude", action="append", default=[], metavar="NAME",
                    help="module path kept float in the int8 model, e.g. model.10 (repeatable)")
+    p.add_argument("--fp32-keep", action="append", default=[], metavar="NAME",
+                   help="module path kept fp32 inside the fp16 model (an fp32 island), e.g. model.18.1 (repeatable); "
+                        "when fp16 parity fails in one block, the run finds and keeps it by itself")
     p.add_argument("--workspace", type=float, default=4.0, help="TensorRT workspace limit, GiB")
     p.add_argument("--plugins", action="store_true",
                    help="emit STA unfold/fold and the S2 shift as yolo_attn custom ops backed by local ONNX functions "

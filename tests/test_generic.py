@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import einsum as bound_einsum
 
-from export.graph.generic import NOT_COVERED, block_source_files, exportable_calls, shape_code_warnings
+from export.graph.generic import (NOT_COVERED, adaptive_pool_as_bins, block_source_files, exportable_calls,
+                                  shape_code_warnings)
 from export.graph.onnx_passes import literal_slice_writes
 from export.graph.to_onnx import export_module, trace
 from tests.cases import rel_err
@@ -65,22 +66,62 @@ POOLS = [("avg", 1, False), ("max", 1, False), ("avg", (1, 1), True), ("max", [1
 
 
 @pytest.mark.parametrize("kind,size,functional", POOLS)
-def test_adaptive_pooling_exports_as_reductions_at_any_size(kind, size, functional, tmp_path):
+def test_adaptive_pooling_exports_without_pool_ops_at_any_size(kind, size, functional, tmp_path):
     model = Host(Pool(kind, size, functional)).eval()
-    with exportable_calls(model, ["block"]) as used:
+    with exportable_calls(model, ["block"], dynamic=True) as used:
         proto = export_module(model, torch.randn(2, 3, 12, 8), tmp_path / "pool.onnx", dynamic_axes=DYNAMIC_HW)
+    is_global = all(s in (None, 1) for s in (size if isinstance(size, (tuple, list)) else (size,)))
     assert not _ops(proto) & POOL_OPS
-    assert ("ReduceMean" if kind == "avg" else "ReduceMax") in _ops(proto)
+    # dynamic: a size dividing 12x8 need not divide the next input, so only global pooling stays a plain reduction
+    assert ("ReduceMean" if kind == "avg" and is_global else "MatMul" if kind == "avg" else "ReduceMax") in _ops(proto)
     assert [(u["block"], u["rewrite"]) for u in used] == [("block", "adaptive-pool")]
     assert f"adaptive_{kind}_pool2d" in used[0]["detail"]
+    assert ("exact at any input size" in used[0]["detail"]) == (not is_global)
     session = _session(proto)
-    for h, w in ((12, 8), (24, 4)):  # the traced size and another: nothing froze
+    for h, w in ((12, 8), (24, 4), (13, 7), (3, 5)):  # the traced size, others, non-dividing and smaller ones
         x = torch.randn(2, 3, h, w)
         with torch.no_grad():
             expected = model(x)  # outside the context: torch's own pooling
         (got,) = session.run(None, {"x": x.numpy()})
         assert got.shape == tuple(expected.shape)
         assert rel_err(torch.from_numpy(got), expected) <= 1e-6, (h, w)
+
+
+@pytest.mark.parametrize("kind,op", [("avg", "ReduceMean"), ("max", "ReduceMax")])
+def test_static_export_of_a_dividing_size_reshapes_into_equal_bins(kind, op, tmp_path):
+    model = Host(Pool(kind, (4, 2))).eval()
+    x = torch.randn(2, 3, 12, 8)
+    with exportable_calls(model, ["block"]) as used:
+        proto = export_module(model, x, tmp_path / "pool.onnx")
+    assert used == [{"block": "block", "rewrite": "adaptive-pool",
+                     "detail": f"adaptive_{kind}_pool2d to (4, 2) as Reshape into equal bins + {op} (static input "
+                               "size, divisible by the output size)"}]
+    assert op in _ops(proto) and not _ops(proto) & (POOL_OPS | {"MatMul", "Where"})
+    (got,) = _session(proto).run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        assert rel_err(torch.from_numpy(got), model(x)) <= 1e-6
+
+
+# Bin lengths 1..12 against output sizes 1..15 (so larger, smaller, equal, dividing or not), and far-apart pairs.
+BIN_GRID = [(n, o) for n in range(1, 13) for o in range(1, 16)] + [(3, 40), (40, 3), (80, 5), (5, 80), (20, 7)]
+
+
+@pytest.mark.parametrize("kind", ["avg", "max"])
+def test_bins_match_torch_for_any_output_size(kind):
+    pool = F.adaptive_avg_pool2d if kind == "avg" else F.adaptive_max_pool2d
+    generator = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for (h, oh), (w, ow) in zip(BIN_GRID, reversed(BIN_GRID)):  # each pair on both axes
+        x = torch.randn(2, 3, h, w, generator=generator)
+        for bins in ((oh, ow), (oh, None), (None, ow), (torch.tensor(oh), ow)):
+            expected, got = pool(x, bins), adaptive_pool_as_bins(kind, x, bins)
+            assert got.shape == expected.shape, (h, w, bins)
+            if kind == "max":
+                assert torch.equal(got, expected), (h, w, bins)  # a max picks an element: no rounding
+            worst = max(worst, rel_err(got, expected))
+    x = torch.randn(3, 1, 9, generator=generator)  # unbatched, 1xN
+    assert rel_err(adaptive_pool_as_bins(kind, x, (4, 5)), pool(x, (4, 5))) <= 1e-6
+    assert worst <= 1e-6
 
 
 def test_eager_rewrite_matches_pooling():
@@ -134,19 +175,82 @@ def test_unknown_block_names_are_refused():
             pass
 
 
-def test_non_dividing_pooling_is_left_to_torch_and_reported():
-    model = Host(Pool("avg", 3)).eval()
+class Fork(nn.Module):
+    """A fork block's pooling: the map pooled to 5x5, mixed, pooled back up to the map's size (read from x.shape,
+    tensors while tracing) as a gate; and a max pool to a size dividing neither axis."""
+
+    def __init__(self, channels=3):
+        super().__init__()
+        self.mix = nn.Conv2d(channels, channels, 3, padding=1)
+        self.peaks = nn.AdaptiveMaxPool2d((3, 7))
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        a = self.mix(F.adaptive_avg_pool2d(x, 5))
+        return x * F.adaptive_avg_pool2d(a, (h, w)).sigmoid(), self.peaks(x)
+
+
+def _fork_errors(proto, model, sizes):
+    """Worst rel_err of the ONNX outputs against torch's own pooling (outside exportable_calls), per input size."""
+    session, errors = _session(proto), []
+    for h, w in sizes:
+        x = torch.randn(2, 3, h, w)
+        with torch.no_grad():
+            expected = model(x)
+        got = session.run(None, {"x": x.numpy()})
+        assert [g.shape for g in got] == [tuple(e.shape) for e in expected], (h, w)
+        errors.append(max(rel_err(torch.from_numpy(g), e) for g, e in zip(got, expected)))
+    return errors
+
+
+GATE = "adaptive_avg_pool2d to (20, 20) (read from tensors; traced values) as bin-averaging matmuls (exact at any " \
+       "input size)"
+PEAKS = "adaptive_max_pool2d to (3, 7) as a masked ReduceMax per axis (exact at any input size)"
+
+
+def test_pooling_to_larger_and_non_dividing_sizes_exports_exactly(tmp_path):
+    model = Host(Fork()).eval()
+    with exportable_calls(model, ["block"]) as used:
+        proto = export_module(model, torch.randn(2, 3, 20, 20), tmp_path / "fork.onnx", output_names=("y", "peaks"))
+    assert used == [{"block": "block", "rewrite": "adaptive-pool", "detail": detail} for detail in (
+        "adaptive_avg_pool2d to (5, 5) as Reshape into equal bins + ReduceMean (static input size, divisible by the "
+        "output size)", GATE, PEAKS)]
+    assert not _ops(proto) & POOL_OPS
+    assert max(_fork_errors(proto, model, [(20, 20)])) <= 1e-6
+
+
+def test_pooling_to_larger_and_non_dividing_sizes_follows_a_dynamic_input(tmp_path):
+    model = Host(Fork()).eval()
+    with exportable_calls(model, ["block"], dynamic=True) as used:
+        proto = export_module(model, torch.randn(2, 3, 20, 20), tmp_path / "fork.onnx", output_names=("y", "peaks"),
+                              dynamic_axes={"x": {2: "height", 3: "width"}, "y": {2: "height", 3: "width"}})
+    assert used == [{"block": "block", "rewrite": "adaptive-pool", "detail": detail} for detail in (
+        "adaptive_avg_pool2d to (5, 5) as bin-averaging matmuls (exact at any input size)", GATE, PEAKS)]
+    assert not _ops(proto) & POOL_OPS and "Range" in _ops(proto)  # bins computed from the runtime size
+    errors = _fork_errors(proto, model, [(20, 20), (19, 19), (24, 17), (4, 3)])
+    assert max(errors) <= 1e-6, errors
+
+
+class Call(nn.Module):
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, x):
+        return self.function(x)
+
+
+@pytest.mark.parametrize("function,why", [
+    (lambda x: F.adaptive_max_pool2d(x, 3, return_indices=True)[0], "return_indices"),
+    (lambda x: F.adaptive_avg_pool2d(x, torch.tensor([3, 3])), "other than ints"),
+    (lambda x: F.adaptive_avg_pool2d(x, (0, 2)), "empty output")])
+def test_uncovered_pooling_forms_are_left_to_torch_and_reported(function, why):
+    model = Host(Call(function))
     x = torch.randn(1, 2, 8, 8)
     with exportable_calls(model, ["block"]) as used:
         got = model(x)
-        try:
-            proto = trace(model, x)
-        except Exception:  # torch's exporter rejects output sizes that do not divide the input
-            proto = None
-    assert torch.equal(got, model(x))
-    assert used == [{"block": "block", "rewrite": NOT_COVERED, "detail": used[0]["detail"]}]
-    assert "non-dividing" in used[0]["detail"]
-    assert proto is None or "ReduceMean" not in _ops(proto)
+    assert torch.equal(got, function(x))
+    assert [(u["block"], u["rewrite"]) for u in used] == [("block", NOT_COVERED)] and why in used[0]["detail"]
 
 
 class Contract(nn.Module):

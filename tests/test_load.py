@@ -1,5 +1,6 @@
 """Loading any best.pt: fork-trained (fresh process, no fork), stock, hostile, unknown blocks, bad inputs."""
 
+import copy
 import hashlib
 import json
 import os
@@ -13,7 +14,8 @@ import torch
 from ultralytics import YOLO
 
 import export
-from export.checkpoint.loader import CheckpointError, UnknownBlocksError
+from export.cli import main
+from export.checkpoint.loader import CheckpointError, LibraryClassesError, UnknownBlocksError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,6 +83,76 @@ def test_demo_checkpoint_loads_through_the_safe_path():
     assert len(checks) == 1 and checks[0].rel <= 1e-5
 
 
+# ---- torch's own layers: reconstructed from the table, no --code ---------------------------------
+def _stock_layers(c=256, side=4):
+    """After yolov8n's SPPF at imgsz 128 (c x 4 x 4): a 3x3 depthwise aggregation written with Unfold, then a new
+    norm, padding, pooling and activation; 4-d in, 4-d out."""
+    return torch.nn.Sequential(torch.nn.ReflectionPad2d(1), torch.nn.Unfold(3), torch.nn.Unflatten(2, (side, side)),
+                               torch.nn.Conv2d(9 * c, c, 1, groups=c), torch.nn.InstanceNorm2d(c, affine=True),
+                               torch.nn.ReplicationPad2d(1), torch.nn.LPPool2d(2, 3, stride=1), torch.nn.CELU())
+
+
+def test_checkpoint_of_stock_torch_layers_loads_without_code_and_keeps_its_output(tmp_path):
+    model = YOLO("yolov8n.yaml").model
+    layer = torch.nn.Sequential(model.model[9], _stock_layers())
+    layer.i, layer.f, layer.type, layer.np = 9, -1, "torch.nn.Sequential", 0  # as ultralytics tags a layer
+    model.model[9] = layer
+    model.attention = torch.nn.MultiheadAttention(64, 4, kdim=32, vdim=32, batch_first=True)  # held, not in forward
+    path = _save_like_ultralytics(model, tmp_path / "stock-layers.pt")
+    saved = copy.deepcopy(model).float().eval()  # the saved (half) weights, as the loader casts them
+    loaded = export.load(path)
+    assert loaded.remapped == {} and loaded.user_code == {}
+    assert [type(m).__name__ for m in loaded.model.model[9][1]] == [type(m).__name__ for m in _stock_layers(8, 2)]
+    assert type(loaded.model.attention.out_proj) is torch.nn.modules.linear.NonDynamicallyQuantizableLinear
+    x, q, kv = torch.rand(1, 3, 128, 128), torch.rand(1, 5, 64), torch.rand(1, 7, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x)[0], saved(x)[0])
+        torch.testing.assert_close(loaded.model.attention(q, kv, kv)[0], saved.attention(q, kv, kv)[0])
+
+
+def _with_lstm(model, index=9):
+    """A torch layer the loader deliberately does not reconstruct, inside layer `index`."""
+    model.model[index].lstm = torch.nn.LSTM(4, 4)
+    return model
+
+
+def test_library_class_outside_the_table_is_refused_as_such_not_as_a_custom_block(tmp_path, capsys):
+    path = _save_like_ultralytics(_with_lstm(YOLO("yolov8n.yaml").model), tmp_path / "lstm.pt")
+    with pytest.raises(LibraryClassesError) as err:
+        export.load(path)
+    assert err.value.classes == {"torch.nn.modules.rnn.LSTM": [9]} and err.value.blocks == {}
+    assert str(err.value) == ("torch.nn.modules.rnn.LSTM at layer 9 is a library class the loader does not reconstruct "
+                              "(its table of stock layers is in docs/checkpoints.md); library classes cannot come "
+                              "from --code")
+    fork = tmp_path / "fork"  # even a folder holding a file for its module path: --code never supplies torch's classes
+    (fork / "torch" / "nn" / "modules").mkdir(parents=True)
+    source = f"open({str(tmp_path / 'ran')!r}, 'w')\nclass LSTM: pass\n"
+    (fork / "torch" / "nn" / "modules" / "rnn.py").write_text(source)
+    for code in ([], ["--code", str(fork)]):
+        assert main(["--weights", str(path), "--out", str(tmp_path / "out"), "--no-parity", *code]) == 2
+        err_text = capsys.readouterr().err
+        assert err_text.count("\n") == 1 and "torch.nn.modules.rnn.LSTM at layer 9 is a library class" in err_text
+        assert "unknown custom block" not in err_text and "pass --code" not in err_text
+        assert "--code: module" not in err_text and not (tmp_path / "out").exists()  # not --code's own refusal
+    assert not (tmp_path / "ran").exists()
+
+
+def test_library_class_and_custom_block_are_each_named_as_what_they_are(tmp_path, monkeypatch):
+    model = _with_lstm(YOLO("yolov8n.yaml").model, index=4)
+    model.model[9] = _cbam_block(monkeypatch)
+    path = _save_like_ultralytics(model, tmp_path / "mixed.pt")
+    monkeypatch.delitem(sys.modules, "ultralytics.nn.Addmodules.CBAM")
+    with pytest.raises(LibraryClassesError) as err:
+        export.load(path)
+    assert err.value.classes == {"torch.nn.modules.rnn.LSTM": [4]}
+    assert err.value.blocks == {"ultralytics.nn.Addmodules.CBAM.CBAM": [9]}
+    message = str(err.value)
+    assert message.startswith("torch.nn.modules.rnn.LSTM at layer 4 is a library class")
+    custom = "unknown custom block(s): ultralytics.nn.Addmodules.CBAM.CBAM at layer 9, which --code could supply"
+    assert custom in message
+    assert "\n" not in message
+
+
 # ---- hostile pickles: refused, naming the global; the payload never runs ------------------------
 class _Payload:
     def __init__(self, func, arg):
@@ -132,14 +204,19 @@ class CBAM(torch.nn.Module):
         return x * torch.sigmoid(self.fc(x))
 
 
-def test_unknown_block_lists_class_path_and_layer(tmp_path, monkeypatch):
-    model = YOLO("yolov8n.yaml").model
+def _cbam_block(monkeypatch):
+    """A CBAM for layer 9, pickled under a fork's module path (remove that module from sys.modules once saved)."""
     CBAM.__module__, CBAM.__qualname__ = "ultralytics.nn.Addmodules.CBAM", "CBAM"
     monkeypatch.setitem(sys.modules, "ultralytics.nn.Addmodules.CBAM", type(sys)("ultralytics.nn.Addmodules.CBAM"))
     sys.modules["ultralytics.nn.Addmodules.CBAM"].CBAM = CBAM
     block = CBAM(256)
     block.i, block.f, block.type = 9, -1, "CBAM"
-    model.model[9] = block
+    return block
+
+
+def test_unknown_block_lists_class_path_and_layer(tmp_path, monkeypatch):
+    model = YOLO("yolov8n.yaml").model
+    model.model[9] = _cbam_block(monkeypatch)
     path = _save_like_ultralytics(model, tmp_path / "cbam.pt")
     monkeypatch.delitem(sys.modules, "ultralytics.nn.Addmodules.CBAM")
     with pytest.raises(UnknownBlocksError) as err:

@@ -30,7 +30,7 @@ from ultralytics import YOLO
 
 from tests.crafted import (Op, build, call, ops, deflate_bomb, eval_cfg, glob, inst, legacy_stream, newobj, newobj_ex, obj,
                            pickle_of, patch_zip_sizes, persid, read_zip, rewrite, stack_glob, swap, tar_with_fifo,
-                           tensor, write_zip)
+                           tensor)
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT_AS = 4 << 30
@@ -502,6 +502,23 @@ VALUE_ATTACKS = {  # yolov8n: model.4 C2f, model.9 SPPF, model.22 Detect (inputs
     "layer-input-is-itself": _set(4, "f", 4),
     "layer-type-1mib": _set(4, "type", "x" * (1 << 20)),
     "float-where-an-index-goes": _set(4, "f", 0.5),
+}
+
+
+def _held(make, field, value):
+    """A stock torch layer of the table, held by model.4 (C2f), with one field set past its bound."""
+    def mutate(model, ckpt):
+        layer = model.model[4].extra = make()
+        layer.__dict__[field] = value
+    return mutate
+
+
+VALUE_ATTACKS |= {  # the torch layers the table accepts are bounded field by field too
+    "unfold-kernel-1e9": _held(lambda: torch.nn.Unfold(3), "kernel_size", 10 ** 9),  # k*k copies of its input
+    "multihead-attention-embed-dim-1e9": _held(lambda: torch.nn.MultiheadAttention(16, 4), "embed_dim", 10 ** 9),
+    "reflection-pad-1e6": _held(lambda: torch.nn.ReflectionPad2d(1), "padding", (10 ** 6,) * 4),
+    "conv-reflect-pad-1e6": _held(lambda: torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+                                  "_reversed_padding_repeated_twice", [10 ** 6] * 4),  # what F.pad gets
 }
 for _name, _mutate in VALUE_ATTACKS.items():
     attack(f"value/{_name}", says=SCHEMA, dos=True)(lambda ws, m=_mutate: ws.saved(m))

@@ -4,10 +4,12 @@ every entry refuses a value past its bound, and the model-wide checks refuse wha
 import copy
 import glob
 import os
+import re
 
 import pytest
 import torch
 import ultralytics
+from torch import nn
 from ultralytics.nn.tasks import DetectionModel
 
 import models
@@ -41,19 +43,43 @@ def real_models():
     return built
 
 
-# torch layers of the table no shipped YAML builds, with the arguments their constructors need
-TORCH_LAYER_ARGS = {torch.nn.Conv1d: (1, 1, 1), torch.nn.Conv2d: (1, 1, 1), torch.nn.ConvTranspose2d: (1, 1, 1),
-                    torch.nn.BatchNorm1d: (4,), torch.nn.BatchNorm2d: (4,), torch.nn.LayerNorm: (4,),
-                    torch.nn.GroupNorm: (2, 4), torch.nn.Linear: (2, 2), torch.nn.MaxPool2d: (2,),
-                    torch.nn.AvgPool2d: (2,), torch.nn.AdaptiveAvgPool2d: ((None, 7),),
-                    torch.nn.AdaptiveMaxPool2d: (1,), torch.nn.ZeroPad2d: (1,), torch.nn.PixelShuffle: (2,)}
+# The torch layers of the table with representative constructor arguments, by class name (the table skips names
+# this torch lacks). Every one is built: a layer holding a field the schema does not list fails the tests below.
+TORCH_LAYER_ARGS = {
+    **dict.fromkeys(("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"), (4, 8, 3)),
+    **dict.fromkeys((f"{kind}{d}d" for kind in ("MaxPool", "AvgPool", "MaxUnpool") for d in (1, 2, 3)), (2,)),
+    **dict.fromkeys((f"LPPool{d}d" for d in (1, 2, 3)), (2, 3)),
+    **dict.fromkeys((f"Adaptive{kind}Pool{d}d" for kind in ("Avg", "Max") for d in (1, 2, 3)), (1,)),
+    "AdaptiveAvgPool2d": ((None, 7),),
+    **dict.fromkeys((f"{kind}Pad{d}d" for kind in ("Zero", "Reflection", "Replication", "Circular") for d in (1, 2, 3)),
+                    (1,)),
+    **dict.fromkeys((f"ConstantPad{d}d" for d in (1, 2, 3)), (1, 0.5)),
+    **dict.fromkeys(("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "InstanceNorm1d", "InstanceNorm2d",
+                     "InstanceNorm3d", "LayerNorm", "RMSNorm", "PReLU"), (4,)),
+    "GroupNorm": (2, 4), "LocalResponseNorm": (2,), "Threshold": (0.1, 0.0), "MultiheadAttention": (16, 4),
+    "Fold": ((4, 4), 2), "Unfold": (2,), "PixelShuffle": (2,), "PixelUnshuffle": (2,), "ChannelShuffle": (2,),
+    "Upsample": (None, 2.0), "UpsamplingNearest2d": (None, 2), "UpsamplingBilinear2d": (None, 2),
+    "Unflatten": (1, (2, 2)),
+    "Linear": (2, 2), "NonDynamicallyQuantizableLinear": (2, 2), "Bilinear": (2, 2, 2), "Embedding": (10, 4),
+    "Sequential": (nn.Conv2d(1, 1, 1),), "ModuleList": ([nn.ReLU()],), "ModuleDict": ({"act": nn.ReLU()},),
+    "ParameterList": ([nn.Parameter(torch.zeros(1))],), "ParameterDict": ({"w": nn.Parameter(torch.zeros(1))},),
+}
+TORCH_LAYER_KWARGS = {  # values that set the optional fields, within their bounds
+    "Conv2d": {"padding": 1, "padding_mode": "reflect"}, "Conv1d": {"padding": "same", "padding_mode": "circular"},
+    "MultiheadAttention": {"kdim": 8, "vdim": 8, "batch_first": True}, "AvgPool2d": {"divisor_override": 4},
+    "Embedding": {"padding_idx": 0, "max_norm": 1.0}, "RMSNorm": {"eps": 1e-6}, "GELU": {"approximate": "tanh"},
+}
+
+
+def _torch_layer(cls):
+    return cls(*TORCH_LAYER_ARGS.get(cls.__name__, ()), **TORCH_LAYER_KWARGS.get(cls.__name__, {}))
 
 
 def test_real_models_pass_and_hold_only_listed_fields(real_models):
     from export.checkpoint.safe_pickle import TORCH_LAYERS
 
     seen = set()
-    layers = {cls.__name__: cls(*TORCH_LAYER_ARGS.get(cls, ())) for cls in TORCH_LAYERS}
+    layers = {cls.__name__: _torch_layer(cls) for cls in TORCH_LAYERS}
     for name, model in {**real_models, **layers}.items():
         schema.check_model(model)
         for _, m in schema._named_modules(model):
@@ -65,21 +91,23 @@ def test_real_models_pass_and_hold_only_listed_fields(real_models):
 
 
 def test_every_table_class_we_can_build_holds_only_listed_fields():
-    """The class table's module classes built with small guessed arguments (the heads and a few attention parts
-    need more; the real models above cover those)."""
-    from export.checkpoint.safe_pickle import FAMILY_CLASSES, MODULE_CLASSES, YOLOV5_CLASSES
+    """The class table's module classes: every torch layer with its representative arguments, the others with
+    small guessed ones (the heads and a few attention parts need more; the real models above cover those). A
+    private field is listed too unless nn.Module itself holds it."""
+    from export.checkpoint.safe_pickle import FAMILY_CLASSES, MODULE_CLASSES, TORCH_LAYERS, YOLOV5_CLASSES
 
     classes = set(MODULE_CLASSES.values()) | set(FAMILY_CLASSES.values()) | set(YOLOV5_CLASSES.values())
+    module_own = set(nn.Module().__dict__)
     built, unlisted = 0, set()
     for cls in classes:
-        module = next((m for m in map(lambda a: _try(cls, a), [(), (16,), (16, 16), (16, 16, 1), (16, 16, 16)]) if m),
-                      None)
+        guesses = [(), (16,), (16, 16), (16, 16, 1), (16, 16, 16)]
+        module = _torch_layer(cls) if cls in TORCH_LAYERS else next(filter(None, (_try(cls, a) for a in guesses)), None)
         if module is None:
             continue
         built += 1
         for sub in module.modules():
             own = schema.CLASS_FIELDS.get(type(sub), {})
-            unlisted |= {(type(sub).__name__, k) for k in sub.__dict__ if not k.startswith("_") and k != "training"
+            unlisted |= {(type(sub).__name__, k) for k in sub.__dict__ if k not in module_own and k != "training"
                          and k not in own and k not in schema.FIELDS}
     assert built >= 0.85 * len(classes) and unlisted == set()
 
@@ -112,6 +140,20 @@ def test_every_bounded_entry_refuses_past_its_bound(name):
         name in ("stride", "gamma")  # a tensor is legitimate there
 
 
+CLASS_FIELD_NAMES = sorted(((cls, name) for cls, fields in schema.CLASS_FIELDS.items() for name in fields),
+                           key=lambda pair: (pair[0].__name__, pair[1]))
+
+
+@pytest.mark.parametrize("cls, name", CLASS_FIELD_NAMES, ids=lambda v: getattr(v, "__name__", v))
+def test_every_class_field_refuses_past_its_bound(cls, name):
+    field = schema.CLASS_FIELDS[cls][name]
+    past = _value_past(field)
+    if past is None:
+        assert not field.ok(object())
+        return
+    assert not field.ok(past) and not field.ok([past] * 2) and not field.ok(torch.tensor(1))
+
+
 def _demo():
     ckpt, _ = read(models.demo_checkpoint("sta"))
     return _pick_model(ckpt, "demo")[0]
@@ -129,6 +171,32 @@ def test_field_past_its_bound_is_refused_with_its_name(layer, field, value, says
     model = _demo()
     model.model[layer].__dict__[field] = value
     with pytest.raises(Refused, match=says.replace(".", r"\.").replace("(", r"\(")):
+        schema.check_model(model)
+
+
+@pytest.mark.parametrize("layer, field, value, says", [
+    (lambda: nn.Unfold(3), "kernel_size", 10 ** 9, "Unfold 0.kernel_size = 1000000000"),  # k*k copies of its input
+    (lambda: nn.Fold((8, 8), 2), "output_size", (10 ** 6, 10 ** 6), "Fold 0.output_size"),
+    (lambda: nn.MultiheadAttention(16, 4), "embed_dim", 10 ** 9, "MultiheadAttention 0.embed_dim = 1000000000"),
+    (lambda: nn.MultiheadAttention(16, 4), "_qkv_same_embed_dim", "yes", "MultiheadAttention 0._qkv_same_embed_dim"),
+    (lambda: nn.MultiheadAttention(16, 4), "dropout", 2.0, "MultiheadAttention 0.dropout"),
+    (lambda: nn.ReflectionPad2d(1), "padding", (10 ** 6,) * 4, "ReflectionPad2d 0.padding"),
+    (lambda: nn.ConstantPad3d(1, 0.0), "padding", (-(10 ** 6),) * 6, "ConstantPad3d 0.padding"),
+    (lambda: nn.Conv2d(4, 4, 3, padding=1, padding_mode="replicate"), "_reversed_padding_repeated_twice",
+     [10 ** 6] * 4, "Conv2d 0._reversed_padding_repeated_twice"),  # what F.pad gets: the padded copy's size
+    (lambda: nn.LPPool2d(2, 3), "norm_type", 1e9, "LPPool2d 0.norm_type"),
+    (lambda: nn.Embedding(10, 4), "num_embeddings", 10 ** 12, "Embedding 0.num_embeddings"),
+    (lambda: nn.Unflatten(1, (2, 2)), "unflattened_size", (10 ** 9, 10 ** 9), "Unflatten 0.unflattened_size"),
+    (lambda: nn.Softmin(1), "dim", 100, "Softmin 0.dim = 100"),  # an axis, not channels
+    (lambda: nn.LocalResponseNorm(2), "size", 10 ** 9, "LocalResponseNorm 0.size"),
+    (lambda: nn.PixelUnshuffle(2), "downscale_factor", 10 ** 4, "PixelUnshuffle 0.downscale_factor"),
+    (lambda: nn.ParameterList([nn.Parameter(torch.zeros(1))]), "_size", 10 ** 12, "ParameterList 0._size"),
+])
+def test_torch_layer_field_past_its_bound_is_refused_with_its_name(layer, field, value, says):
+    model = nn.Sequential(layer())
+    schema.check_model(model)  # as built: within every bound
+    model[0].__dict__[field] = value
+    with pytest.raises(Refused, match=re.escape(says)):
         schema.check_model(model)
 
 

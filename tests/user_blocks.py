@@ -126,25 +126,29 @@ SOURCES = {
 PLACEMENT = {9: ("ShiftWrite", 256), 15: ("CBAMBlock", 64), 18: ("CoTBlock", 128), 21: ("EinsumAttention", 256)}
 
 
-def write_fork(root, extra=None):
-    """The blocks' source under root as a fork lays it out; `extra`: more {file stem: source} to add."""
+def write_fork(root, extra=None, sources=None):
+    """The blocks' source under root as a fork lays it out (`sources`: {file stem: source}, these blocks by
+    default); `extra`: more {file stem: source} to add."""
     folder = Path(root, *PACKAGE.split("."))
     folder.mkdir(parents=True, exist_ok=True)
-    for stem, source in {**SOURCES, **(extra or {})}.items():
+    for stem, source in {**(SOURCES if sources is None else sources), **(extra or {})}.items():
         (folder / f"{stem}.py").write_text(textwrap.dedent(source).lstrip())
     return Path(root)
 
 
 def save_checkpoint(root, path, placement=PLACEMENT, nc=2, cls_bias=None):
     """A yolov8n with the blocks from root's fork files, saved as ultralytics saves best.pt (half weights).
+    `placement`: {layer: (file stem, or "stem:Class", channels)}.
     `cls_bias`: the class biases set to this (+6 saturates every score)."""
     from ultralytics.nn.tasks import DetectionModel
 
-    added = _import_as_fork(root, {name for name, _ in placement.values()})
+    added = _import_as_fork(root, {name.partition(":")[0] for name, _ in placement.values()})
     try:
         model = DetectionModel("yolov8n.yaml", nc=nc, verbose=False)
         for index, (name, channels) in placement.items():
-            model.model[index] = _after(model.model[index], getattr(sys.modules[f"{PACKAGE}.{name}"], name)(channels))
+            stem, _, cls = name.partition(":")  # "File:Class" for a class named other than its file
+            block = getattr(sys.modules[f"{PACKAGE}.{stem}"], cls or stem)(channels)
+            model.model[index] = _after(model.model[index], block)
         model.names = {i: f"class{i}" for i in range(nc)}
         _randomise_batchnorm(model)
         for branch in model.model[-1].cv3 if cls_bias is not None else ():

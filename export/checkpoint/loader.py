@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from export.checkpoint import object_graph, schema, user_code
-from export.checkpoint.safe_pickle import Refused, UnpickleLog, unpickle
+from export.checkpoint.safe_pickle import LIBRARY_ROOTS, Refused, UnpickleLog, unpickle
 from export.checkpoint.torch_zip import NotTorchZip, open_torch_zip
 from export.errors import BadInput
 from export.text import shown
@@ -40,13 +40,30 @@ class CheckpointError(BadInput):
 
 CODE_HINT = ("to export them as written, pass --code <your fork's root folder>: it imports those classes from your "
              "fork's files (this runs your code; see the trust model in docs/checkpoints.md)")
+LIBRARY_HINT = ("the loader does not reconstruct (its table of stock layers is in docs/checkpoints.md); library "
+                "classes cannot come from --code")
+
+
+def _listed(blocks):
+    return "; ".join(f"{shown(cls)} at layer {', '.join(map(str, idx))}" for cls, idx in blocks.items())
 
 
 class UnknownBlocksError(CheckpointError):
     def __init__(self, blocks):
         self.blocks = blocks  # "module.Class" -> [layer indices]
-        listed = "; ".join(f"{shown(cls)} at layer {', '.join(map(str, idx))}" for cls, idx in blocks.items())
-        super().__init__(f"unknown custom block(s): {listed} — {CODE_HINT}; or {FAMILY_HINT}")
+        super().__init__(f"unknown custom block(s): {_listed(blocks)} — {CODE_HINT}; or {FAMILY_HINT}")
+
+
+class LibraryClassesError(CheckpointError):
+    """Classes of a library (torch, torchvision, numpy, the standard library) outside the loader's table, inside the
+    model. Never reported as custom blocks: --code refuses library modules, so that advice could not work."""
+
+    def __init__(self, classes, blocks):
+        self.classes, self.blocks = classes, blocks  # "module.Class" -> [layer indices]: library; custom blocks
+        what = "is a library class" if len(classes) == 1 else "are library classes"
+        also = f"; the model also holds unknown custom block(s): {_listed(blocks)}, which --code could supply" \
+            if blocks else ""
+        super().__init__(f"{_listed(classes)} {what} {LIBRARY_HINT}{also}")
 
 
 @dataclass
@@ -135,10 +152,11 @@ def _check_file(path):
 
 def _import_user_code(log, model, code):
     """The unknown blocks' classes, imported from --code for a second read. Only placeholders inside the model
-    (blocks) are resolved, after the first read validated the whole file; any other unknown global is refused."""
-    _refuse_stray_unknowns(log, model)
+    (blocks) are resolved, after the first read validated the whole file; any other unknown global, and any
+    library class, is refused first (nothing of the user's runs for a file that would be refused anyway)."""
+    blocks = _custom_blocks(log, model)
     try:
-        return user_code.resolve(object_graph.unknown_blocks(model), code)
+        return user_code.resolve(blocks, code)
     except user_code.CodeError as e:
         raise CheckpointError(f"--code: {e}") from None
 
@@ -174,18 +192,25 @@ def _pick_model(ckpt, path):
 
 
 def _refuse_unknowns(log, model):
-    """Placeholders inside the model are unknown blocks (listed by layer); any other unknown global is refused.
-    Runs before any method of the model is called: placeholders' contents are not validated."""
-    if not log.unknown:
-        return
-    _refuse_stray_unknowns(log, model)
-    raise UnknownBlocksError(object_graph.unknown_blocks(model))
+    """Placeholders inside the model are unknown blocks (listed by layer), or library classes outside the table
+    (refused as such); any other unknown global is refused. Runs before any method of the model is called:
+    placeholders' contents are not validated."""
+    if log.unknown:
+        raise UnknownBlocksError(_custom_blocks(log, model))
 
 
-def _refuse_stray_unknowns(log, model):
-    stray = sorted(set(log.unknown) - set(object_graph.unknown_blocks(model)))
+def _custom_blocks(log, model):
+    """{class path: [layers]} of the unknown blocks inside the model, once no other unknown global and no library
+    class is among the placeholders (each refused with its own message)."""
+    blocks = object_graph.unknown_blocks(model)
+    stray = sorted(set(log.unknown) - set(blocks))
     if stray:
         raise Refused(f"it references {', '.join(stray[:5])}, which is not an allowed global")
+    library = {cls: layers for cls, layers in blocks.items() if cls.split(".")[0] in LIBRARY_ROOTS}
+    custom = {cls: layers for cls, layers in blocks.items() if cls not in library}
+    if library:
+        raise LibraryClassesError(library, custom)
+    return custom
 
 
 def _names(model):

@@ -232,7 +232,7 @@ def _small_ints(v, n=None, low=0, high=4096):
 def _check_conv(m):
     d, p = m.__dict__, m.__dict__["_parameters"]
     c_in, c_out, groups, k = d.get("in_channels"), d.get("out_channels"), d.get("groups"), d.get("kernel_size")
-    dims = 1 if isinstance(m, nn.Conv1d) else 2
+    dims = CONV_DIMS[type(m)]
     ok = (_small_ints(c_in, 1, 1, 1 << 16) and _small_ints(c_out, 1, 1, 1 << 16) and _small_ints(groups, 1, 1, 1 << 16)
           and c_in % groups == 0 and c_out % groups == 0 and _small_ints(k, dims, 1, 64)
           and all(_small_ints(d.get(a), dims, 0, 64) for a in ("stride", "dilation"))
@@ -263,8 +263,11 @@ def _check_upsample(m):
     return (scale is None or (type(scale) in (int, float) and 0 < scale <= 16)) and (size is None or _small_ints(size))
 
 
-NUMBER_CHECKS = {nn.Conv1d: _check_conv, nn.Conv2d: _check_conv, nn.ConvTranspose2d: _check_conv,
-                 nn.BatchNorm1d: _check_batchnorm, nn.BatchNorm2d: _check_batchnorm, nn.Linear: _check_linear,
+CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3,
+             nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
+NUMBER_CHECKS = {**dict.fromkeys(CONV_DIMS, _check_conv),
+                 **dict.fromkeys((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm), _check_batchnorm),
+                 **dict.fromkeys((nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear), _check_linear),
                  nn.Upsample: _check_upsample}
 
 

@@ -70,13 +70,56 @@ class Unknown(nn.Module):
 
 
 # ---- the table -------------------------------------------------------------------------------------
-TORCH_LAYERS = (
-    nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm,
-    nn.Linear, nn.Identity, nn.Dropout, nn.Dropout2d, nn.Flatten, nn.Sequential, nn.ModuleList, nn.ModuleDict,
-    nn.Upsample, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d,
-    nn.PixelShuffle, nn.SiLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.ELU, nn.Sigmoid, nn.Hardswish,
-    nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Softmax, nn.Tanh, nn.BCEWithLogitsLoss,
-)
+# torch's own layers a detection model may hold, by their name under torch.nn (names missing from the
+# installed torch are skipped: ZeroPad1d/3d and CircularPad* came in 2.1, RMSNorm in 2.4). Each holds only
+# numbers, strings, tuples and tensors, and works when filled by a dict update (its own __setstate__, where it
+# has one, only fills in fields older torch lacked: LEGACY_DEFAULTS). Every field they hold is bounded by
+# export.checkpoint.schema.
+TORCH_LAYER_NAMES = {
+    "convolutions": ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"),
+    "activations": ("ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU", "GELU", "GLU", "SiLU",
+                    "Mish", "Sigmoid", "LogSigmoid", "Hardsigmoid", "Hardswish", "Hardtanh", "Hardshrink", "Softshrink",
+                    "Tanh", "Tanhshrink", "Softsign", "Softplus", "Threshold", "Softmax", "Softmin", "LogSoftmax",
+                    "Softmax2d", "MultiheadAttention"),
+    "pooling": ("MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d",
+                "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d",
+                "LPPool1d", "LPPool2d", "LPPool3d", "MaxUnpool1d", "MaxUnpool2d", "MaxUnpool3d"),
+    "padding": ("ZeroPad1d", "ZeroPad2d", "ZeroPad3d", "ConstantPad1d", "ConstantPad2d", "ConstantPad3d",
+                "ReflectionPad1d", "ReflectionPad2d", "ReflectionPad3d", "ReplicationPad1d", "ReplicationPad2d",
+                "ReplicationPad3d", "CircularPad1d", "CircularPad2d", "CircularPad3d"),
+    "normalisation": ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "InstanceNorm1d", "InstanceNorm2d",
+                      "InstanceNorm3d", "LayerNorm", "GroupNorm", "LocalResponseNorm", "RMSNorm"),
+    "dropout": ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout"),
+    "reshaping": ("Fold", "Unfold", "PixelShuffle", "PixelUnshuffle", "ChannelShuffle", "Upsample",
+                  "UpsamplingNearest2d", "UpsamplingBilinear2d", "Flatten", "Unflatten"),
+    "containers": ("Sequential", "ModuleList", "ModuleDict", "ParameterList", "ParameterDict"),
+    "linear and distance": ("Identity", "Linear", "Bilinear", "Embedding", "CosineSimilarity", "PairwiseDistance"),
+    "loss": ("BCEWithLogitsLoss",),  # older ultralytics pickled its training loss with the model
+}
+# torch layers torch.nn does not export, by their defining module: MultiheadAttention's `out_proj`.
+TORCH_PARTS = {nn.modules.linear: ("NonDynamicallyQuantizableLinear",)}
+# Left out on purpose: a checkpoint holding one is refused as a library class (loader.LibraryClassesError):
+# - RNN, LSTM, GRU (and their cells, with them): RNNBase's own __setstate__ rebuilds `_flat_weights` from
+#   `_all_weights` (a loop of `num_layers`, from the file) and the cuDNN weight layout; bypassed, they do not run.
+# - Transformer, TransformerEncoder(Layer), TransformerDecoder(Layer): they hold `activation`, a function (code,
+#   not data), which their __setstate__ fills in for older files.
+# - Lazy* modules: an unmaterialised one holds UninitializedParameter and changes its own class on first call.
+# - quantized modules (torch.ao.nn.quantized*): their packed weights are script objects built by __setstate__.
+# - FractionalMaxPool2d/3d: random pooling regions on every call, so no export can match the model.
+# - DataParallel / DistributedDataParallel: wrappers holding devices and process groups; ultralytics saves the
+#   model inside them.
+# - EmbeddingBag, AdaptiveLogSoftmaxWithLoss, CrossMapLRN2d, losses but BCEWithLogitsLoss: no detection model
+#   holds them.
+
+
+def _torch_layers():
+    found = [getattr(nn, name, None) for names in TORCH_LAYER_NAMES.values() for name in names]
+    found += [getattr(module, name, None) for module, names in TORCH_PARTS.items() for name in names]
+    return tuple(cls for cls in found if isinstance(cls, type) and issubclass(cls, nn.Module))
+
+
+TORCH_LAYERS = _torch_layers()
+
 # ultralytics detection layers and heads, by the name under their defining module (names missing from
 # the installed ultralytics are skipped: the table follows the pinned version).
 ULTRALYTICS_LAYERS = {
@@ -94,12 +137,20 @@ ULTRALYTICS_LAYERS = {
 LOSS_CLASSES = {"ultralytics.utils.loss": ("v8DetectionLoss", "BboxLoss", "DFLoss"),
                 "ultralytics.utils.tal": ("TaskAlignedAssigner",)}
 NAMESPACES = (types.SimpleNamespace, IterableSimpleNamespace, argparse.Namespace)
-# Defaults a class's own (bypassed) __setstate__ would fill in for checkpoints of older torch versions.
-LEGACY_DEFAULTS = {nn.Conv1d: {"padding_mode": "zeros"}, nn.Conv2d: {"padding_mode": "zeros"},
-                   nn.ConvTranspose2d: {"padding_mode": "zeros"}, nn.Softmax: {"dim": None},
-                   nn.Upsample: {"recompute_scale_factor": None}}
-# Module roots whose names are never remapped to an attention family by class name.
-LIBRARY_ROOTS = {"torch", "numpy"} | set(sys.stdlib_module_names)
+# Defaults a class's own (bypassed) __setstate__ would fill in for checkpoints of older torch versions, and
+# fields older torch lacked that forward reads (GELU's `approximate`: 1.12; MultiheadAttention's `batch_first`:
+# 1.9). ultralytics itself sets a missing Upsample `recompute_scale_factor` to None when it loads a checkpoint.
+LEGACY_DEFAULTS = {
+    **{cls: {"padding_mode": "zeros"} for cls in TORCH_LAYERS if issubclass(cls, nn.modules.conv._ConvNd)},
+    **{cls: {"dim": None} for cls in (nn.Softmax, nn.Softmin, nn.LogSoftmax)},
+    **{cls: {"recompute_scale_factor": None} for cls in TORCH_LAYERS if issubclass(cls, nn.Upsample)},
+    nn.AvgPool3d: {"padding": 0, "ceil_mode": False, "count_include_pad": True},
+    nn.GELU: {"approximate": "none"},
+    nn.MultiheadAttention: {"_qkv_same_embed_dim": True, "batch_first": False},
+}
+# Module roots that are libraries, never a fork's code: their names are never remapped to an attention family
+# by class name, and one outside the table is refused as a library class, not reported as a custom block.
+LIBRARY_ROOTS = {"torch", "torchvision", "numpy", "onnx", "onnxruntime"} | set(sys.stdlib_module_names)
 
 
 @dataclass(frozen=True)

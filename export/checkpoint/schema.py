@@ -8,9 +8,12 @@ the module classes we accept has a type and a bound here, derived from what a re
 
 - `FIELDS`: by attribute name, the same meaning in every class we accept (ultralytics, torch, the families,
   YOLOv5's compat classes); `CLASS_FIELDS`: where one class means something else by a name (Softmax's `dim`
-  is an axis, not channels). A field whose name is in neither is not read by the code of any class we
-  accept (tests/test_schema.py builds every detection model ultralytics ships, ours and YOLOv5's, and checks
-  that every field they hold is listed); such a field is inert data (`UNLISTED`).
+  is an axis, not channels; a padding layer's `padding` may be negative, 6 ints). A field whose name is in
+  neither is not read by the code of any class we accept (tests/test_schema.py builds every detection model
+  ultralytics ships, ours and YOLOv5's, and every class of the table, and checks that every field they hold is
+  listed); such a field is inert data (`UNLISTED`). Private fields (`_name`) are nn.Module's own tables,
+  checked by export.checkpoint.object_graph, except those listed here: ones a torch layer's forward reads
+  (MultiheadAttention's `_qkv_same_embed_dim`, a convolution's `_reversed_padding_repeated_twice`).
 - `CONSISTENT`: numbers a class allocates from, which must agree with the weights they describe.
 - the model as a whole: layer indices inside the model, class names, tensor bytes after `float()`.
 
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 from ultralytics.nn.modules import conv
 
-from export.checkpoint.safe_pickle import NAMESPACES, Refused
+from export.checkpoint.safe_pickle import MAX_STATE_KEYS, NAMESPACES, TORCH_LAYER_NAMES, TORCH_LAYERS, Refused
 from export.text import shown
 
 MAX_CHANNELS = 8192  # widest real YOLO layer: 2560 (yolov8x concat); attention widths 1024
@@ -33,6 +36,8 @@ MAX_IMGSZ = 4096
 MAX_NAMES, MAX_NAME_CHARS = 10_000, 256
 MAX_LAYERS = 1024  # top-level layers; a yolov8x has 23, YOLOv9-E 42
 MAX_TENSOR_BYTES = 1 << 30  # the model's tensors after float(), views counted at their own size; yolov8x: 0.27 GB
+MAX_PAD = 256  # a padding layer's width per side; real ones pad a pixel or two (window attention: under a window)
+MAX_UNFOLD_KERNEL = 16  # Unfold's output holds kernel_size**2 copies of its input; real ones use 3 to 7
 
 
 @dataclass(frozen=True)
@@ -79,12 +84,17 @@ CHANNELS = integer(1, MAX_CHANNELS)
 AXIS = NONE | integer(-8, 8)
 KERNEL = integers(0, 64)
 LAYERS = integers(-MAX_LAYERS, MAX_LAYERS, max_len=64)
+PADS = integers(-MAX_PAD, MAX_PAD, max_len=6)  # (left, right[, top, bottom[, front, back]]); negative crops
+NAMES = Field(f"a dict of at most {MAX_STATE_KEYS} names (to None)", lambda v: type(v) is dict
+              and len(v) <= MAX_STATE_KEYS and all(type(k) is str and x is None for k, x in v.items()))
 
 FIELDS = {
     # widths
     **dict.fromkeys(("c1", "c2", "c", "c_", "dim", "channel", "in_channels", "out_channels", "num_features",
-                     "head_dim", "key_dim", "all_head_dim", "hidden_dim"), CHANNELS),
-    **dict.fromkeys(("in_features", "out_features"), integer(1, 1 << 16)),
+                     "head_dim", "key_dim", "all_head_dim", "hidden_dim", "embed_dim", "kdim", "vdim",
+                     "num_parameters"), CHANNELS),
+    **dict.fromkeys(("in_features", "out_features", "in1_features", "in2_features", "embedding_dim"),
+                    integer(1, 1 << 16)),
     **dict.fromkeys(("groups", "g"), CHANNELS),
     "c2s": integers(1, MAX_CHANNELS, max_len=64), "normalized_shape": integers(1, 1 << 16),
     "num_groups": CHANNELS, "num_channels": CHANNELS,
@@ -92,6 +102,7 @@ FIELDS = {
     "n": integer(0, MAX_REPEATS), "n_iter": integer(0, 16), "num_heads": integer(1, 256), "nl": integer(1, 8),
     "na": integer(1, 64), "nc": integer(1, MAX_NAMES), "no": integer(1, MAX_NAMES + 1024), "reg_max": integer(0, 64),
     "area": integer(1, 64), "max_det": integer(1, 100_000), "k": KERNEL, "sr_ratio": integer(1, 64),
+    "num_embeddings": integer(1, 1 << 24), "padding_idx": NONE | integer(0, 1 << 24),
     # geometry
     **dict.fromkeys(("kernel_size", "dilation", "output_padding"), KERNEL),
     "stride": KERNEL | TENSOR, "padding": KERNEL | choice("same", "valid"), "d": AXIS,
@@ -101,16 +112,24 @@ FIELDS = {
     "output_size": Field(f"an int or up to 3 ints (or None) in 1..{MAX_IMGSZ}", lambda v: all(
         x is None or (type(x) is int and 1 <= x <= MAX_IMGSZ) for x in (v if type(v) in (tuple, list) and
                                                                          0 < len(v) <= 3 else (v,)))),
-    "upscale_factor": integer(1, 16), "divisor_override": NONE | integer(1, 1 << 16),
+    "upscale_factor": integer(1, 16), "downscale_factor": integer(1, 16),
+    "divisor_override": NONE | integer(1, 1 << 16),
+    "unflattened_size": integers(-1, 1 << 16, max_len=8),  # -1: the one size torch infers
+    # what a convolution with a non-zero padding_mode passes to F.pad: its padding, or d * (k - 1) for "same"
+    "_reversed_padding_repeated_twice": integers(0, 64 * 64, max_len=6),
     # numbers that scale values, not sizes
     "eps": number(0, 1), "momentum": NONE | number(0, 1), "p": number(0, 1), "alpha": number(-1e3, 1e3),
     "negative_slope": number(-1e3, 1e3), "scale": number(-1e6, 1e6), "focusing_factor": number(0, 64),
     "mlp_ratio": number(0, 64), "value": number(-1e6, 1e6), "beta": number(-1e6, 1e6),
     "threshold": number(-1e6, 1e6), "gamma": NONE | number(-1e6, 1e6) | TENSOR,
     "min_val": number(-1e6, 1e6), "max_val": number(-1e6, 1e6), "drop_prob": number(0, 1),
+    "lambd": number(0, 1e3), "lower": number(-1e3, 1e3), "upper": number(-1e3, 1e3), "init": number(-1e3, 1e3),
+    "dropout": number(0, 1), "norm_type": number(0, 64), "max_norm": NONE | number(0, 1e6),  # norm_type: p of a p-norm
     # switches and names
     **dict.fromkeys(("inplace", "add", "affine", "track_running_stats", "transposed", "return_indices", "ceil_mode",
-                     "elementwise_affine", "export", "dynamic", "end2end", "legacy", "xyxy", "is_first"), BOOL),
+                     "elementwise_affine", "export", "dynamic", "end2end", "legacy", "xyxy", "is_first",
+                     "batch_first", "add_zero_attn", "_qkv_same_embed_dim", "scale_grad_by_freq", "sparse", "keepdim"),
+                    BOOL),
     **dict.fromkeys(("align_corners", "recompute_scale_factor", "count_include_pad"), NONE | BOOL),
     "padding_mode": choice("zeros", "reflect", "replicate", "circular"), "approximate": choice("none", "tanh"),
     "mode": choice("nearest", "linear", "bilinear", "bicubic", "trilinear", "area", "nearest-exact"),
@@ -122,11 +141,32 @@ FIELDS = {
     "np": integer(0, 1 << 40),
     # tensors kept as attributes
     **dict.fromkeys(("anchors", "strides", "class_weights"), TENSOR), **dict.fromkeys(("grid", "anchor_grid"), TENSORS),
+    **dict.fromkeys(("bias_k", "bias_v"), NONE | TENSOR),  # MultiheadAttention without add_bias_kv: None
     # records no stage reads (training settings, the model YAML): inert data, bounded by the unpickler's budgets
     **dict.fromkeys(("yaml", "args", "hyp"), NONE | RECORD), **dict.fromkeys(("yaml_file", "pt_path"), text(4096)),
     "names": Field("class names (checked as a whole)", lambda v: True), "criterion": NONE,
+    "process_group": NONE,  # SyncBatchNorm's: in eval it runs as BatchNorm, and a saved one holds None
 }
-CLASS_FIELDS = {nn.Softmax: {"dim": AXIS}, nn.LogSoftmax: {"dim": AXIS}, nn.Flatten: {"start_dim": AXIS, "end_dim": AXIS}}
+
+
+def _torch(*names):
+    """The table's torch classes of these names, as far as this torch has them (RMSNorm came in 2.4)."""
+    return [cls for cls in TORCH_LAYERS if cls.__name__ in names]
+
+
+UNFOLD = {"kernel_size": integers(1, MAX_UNFOLD_KERNEL, max_len=2), "dilation": integers(1, 64, max_len=2),
+          "padding": integers(0, 64, max_len=2), "stride": integers(1, 64, max_len=2)}
+CLASS_FIELDS = {
+    **{cls: {"dim": AXIS} for cls in (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.GLU, nn.CosineSimilarity)},
+    nn.Flatten: {"start_dim": AXIS, "end_dim": AXIS}, nn.Unflatten: {"dim": AXIS},
+    **{cls: {"padding": PADS} for cls in _torch(*TORCH_LAYER_NAMES["padding"])},
+    nn.Unfold: UNFOLD, nn.Fold: {**UNFOLD, "output_size": integers(1, MAX_IMGSZ, max_len=2)},
+    **{cls: {"stride": NONE | KERNEL} for cls in _torch("LPPool1d", "LPPool2d", "LPPool3d")},  # None: its kernel
+    nn.LocalResponseNorm: {"size": CHANNELS, "k": number(-1e6, 1e6)},  # size: neighbouring channels; k: a float
+    **{cls: {"eps": NONE | number(0, 1)} for cls in _torch("RMSNorm")},  # None: the dtype's eps
+    nn.PairwiseDistance: {"norm": number(0, 64)},
+    nn.ParameterList: {"_size": integer(0, MAX_STATE_KEYS)}, nn.ParameterDict: {"_keys": NAMES},
+}
 UNLISTED = Field("any checkpoint data but an int beyond 2**40", lambda v: type(v) is not int or abs(v) <= 1 << 40)
 
 
@@ -189,9 +229,9 @@ def _named_modules(model):
 def _check_fields(path, module):
     own = CLASS_FIELDS.get(type(module), {})
     for name, value in module.__dict__.items():
-        if name.startswith("_") or name == "training":
+        bound = own.get(name) or FIELDS.get(name) or (None if name.startswith("_") else UNLISTED)
+        if bound is None or name == "training":  # nn.Module's own tables: checked by object_graph
             continue
-        bound = own.get(name) or FIELDS.get(name) or UNLISTED
         if not bound.ok(value):
             raise Refused(f"{_where(path, module)}.{name} = {shown(value, 60)}: must be {bound.text}")
 

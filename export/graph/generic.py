@@ -5,8 +5,12 @@ each has an exact rewrite here:
 
 - adaptive pooling (`F.adaptive_avg_pool2d` / `adaptive_max_pool2d`, and the nn modules calling them): torch exports
   it as a pool with a kernel fixed at the traced size, fails with dynamic H/W (output size 1 aside: Global*Pool) and
-  for sizes that do not divide the input; a mean/max over the pooled axes (after a reshape into equal bins when the
-  output size divides the input) computes the same and exports at any size;
+  for sizes that do not divide the input (larger ones included). Global pooling becomes a mean/max over the pooled
+  axes; other sizes (ints, or sizes read from the input: x.shape[-2] is a 0-dim tensor while tracing) follow torch's
+  bins (output i of O over an axis of length L covers inputs [floor(i*L/O), ceil((i+1)*L/O))), built from the traced
+  sizes so that a dynamic export computes them from the runtime size: avg as two matmuls with per-axis averaging
+  matrices, max as a masked max over one axis at a time. A static export keeps the cheaper reshape into equal bins +
+  mean/max where the output size divides the input;
 - `torch.einsum`: exported as an Einsum node; permutes, reshapes, sums and batched matmuls compute the same;
 - in-place slice writes (`x[:, 2:5] = y`): exported as ScatterND, which TensorRT runs serialised; when the written
   region is a literal box, Slice + Concat assemble the same tensor (`literal_slice_writes`, on the ONNX graph).
@@ -34,10 +38,11 @@ NOT_COVERED = "not-covered"
 
 
 @contextlib.contextmanager
-def exportable_calls(model, block_names):
+def exportable_calls(model, block_names, dynamic=False):
     """While active, the calls listed in `_REWRITES` made inside the forward of one of the modules `block_names`
     (paths as in model.named_modules()) run as their export-friendly equivalents. Yields the list of records
-    {"block", "rewrite", "detail"} (no duplicates), attributed to the innermost named block running."""
+    {"block", "rewrite", "detail"} (no duplicates), attributed to the innermost named block running. `dynamic`: the
+    export has dynamic H/W, so no rewrite may rely on a property of the traced size (an output size dividing it)."""
     modules = dict(model.named_modules())
     missing = [name for name in block_names if name not in modules]
     if missing:
@@ -53,12 +58,13 @@ def exportable_calls(model, block_names):
             used.append(entry)
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_inplace_views_seen(running, note))
         for name in block_names:
             stack.enter_context(_tracked(modules[name], name, running))
         block_modules = {sys.modules.get(type(modules[name]).__module__) for name in block_names}
         for owner, attribute, rewrite in _REWRITES:
             original = getattr(owner, attribute)
-            switch = _switch(original, rewrite, running, note)
+            switch = _switch(original, rewrite, running, note, dynamic)
             for namespace, name in _bindings(original, owner, attribute, block_modules):
                 stack.enter_context(_swapped(namespace, name, switch))
         yield used
@@ -102,14 +108,15 @@ def _swapped(namespace, name, value):
         setattr(namespace, name, saved)
 
 
-def _switch(original, rewrite, running, note):
-    """`original` outside the named blocks, `rewrite` (told the original and how to note) inside them."""
+def _switch(original, rewrite, running, note, dynamic):
+    """`original` outside the named blocks, `rewrite` (told the original, how to note and whether the export is
+    dynamic) inside them."""
 
     @functools.wraps(original)
     def call(*args, **kwargs):
         if not running:
             return original(*args, **kwargs)
-        return rewrite(original, functools.partial(note, running[-1]), *args, **kwargs)
+        return rewrite(original, functools.partial(note, running[-1]), dynamic, *args, **kwargs)
 
     return call
 
@@ -124,67 +131,121 @@ def _concrete(sizes):
 
 # ---- adaptive pooling ----------------------------------------------------------------------------------------
 
-def _adaptive_avg_pool2d(original, note, input, output_size):
-    return _adaptive_pool(original, note, "avg", input, output_size)
+def _adaptive_avg_pool2d(original, note, dynamic, input, output_size):
+    return _adaptive_pool(original, note, dynamic, "avg", input, output_size)
 
 
-def _adaptive_max_pool2d(original, note, input, output_size, return_indices=False):
+def _adaptive_max_pool2d(original, note, dynamic, input, output_size, return_indices=False):
     if return_indices:
         note(NOT_COVERED, "adaptive_max_pool2d with return_indices is exported as torch exports it")
         return original(input, output_size, return_indices)
-    return _adaptive_pool(original, note, "max", input, output_size)
+    return _adaptive_pool(original, note, dynamic, "max", input, output_size)
 
 
-def _adaptive_pool(original, note, kind, x, output_size):
+def _adaptive_pool(original, note, dynamic, kind, x, output_size):
     function = f"adaptive_{kind}_pool2d"
     if x.dim() not in (3, 4):
         return original(x, output_size)  # torch reports the error
     bins = _output_bins(output_size)
-    h, w = _concrete(x.shape[-2:])
     if bins is None:
-        note(NOT_COVERED, f"{function} to {output_size!r}: an output size other than ints and None is exported as "
-                          "torch exports it")
+        note(NOT_COVERED, f"{function} to {output_size!r}: an output size other than ints (or sizes read from "
+                          "tensors) and None is exported as torch exports it")
         return original(x, output_size)
-    if any(b is not None and (b < 1 or n % b) for b, n in zip(bins, (h, w))):
-        note(NOT_COVERED, f"{function} to {_size_text(bins)} from {h}x{w}: adaptive pooling to a non-dividing size "
-                          "is exported as torch exports it (torch's exporter rejects sizes that do not divide the "
-                          "input)")
+    traced = tuple(None if b is None else _concrete([b])[0] for b in bins)
+    if any(b is not None and b < 1 for b in traced):
+        note(NOT_COVERED, f"{function} to {_size_text(bins, traced)}: an empty output is exported as torch exports it")
         return original(x, output_size)
     reduce, onnx_op = (torch.mean, "ReduceMean") if kind == "avg" else (torch.amax, "ReduceMax")
-    if all(b in (None, 1) for b in bins):  # global pooling over some axes: a plain reduction
-        axes = [axis for axis, b in zip((-2, -1), bins) if b == 1]
-        note("adaptive-pool", f"{function} to {_size_text(bins)} as {onnx_op} over "
+    # A size read from a tensor may differ from its traced value in a dynamic export: only a literal 1 is global there.
+    fixed = traced if not dynamic else tuple(None if b is None else b if _is_int(b) else 0 for b in bins)
+    if all(b in (None, 1) for b in fixed):  # global pooling over some axes: a plain reduction
+        axes = [axis for axis, b in zip((-2, -1), bins) if b is not None]
+        note("adaptive-pool", f"{function} to {_size_text(bins, traced)} as {onnx_op} over "
                               f"{', '.join('HW'[a] for a in axes) or 'nothing'}")
         return reduce(x, dim=axes, keepdim=True) if axes else x.clone()  # dim=[] would reduce everything
-    note("adaptive-pool", f"{function} to {_size_text(bins)} as Reshape into equal bins + {onnx_op} (input H, W "
-                          "must stay divisible by the output size)")
-    th, tw = x.shape[-2:]  # traced sizes: the bins follow the input size in a dynamic export
+    if not dynamic and all(b is None or n % b == 0 for b, n in zip(traced, _concrete(x.shape[-2:]))):
+        note("adaptive-pool", f"{function} to {_size_text(bins, traced)} as Reshape into equal bins + {onnx_op} "
+                              "(static input size, divisible by the output size)")
+        return _equal_bins(reduce, x, traced)
+    how = "bin-averaging matmuls" if kind == "avg" else f"a masked {onnx_op} per axis"
+    note("adaptive-pool", f"{function} to {_size_text(bins, traced)} as {how} (exact at any input size)")
+    return adaptive_pool_as_bins(kind, x, bins)
+
+
+def _equal_bins(reduce, x, bins):
+    """`reduce` over equal bins: the input sizes are multiples of the output sizes (None: keep the axis)."""
+    th, tw = x.shape[-2:]
     rows = (th, 1) if bins[0] is None else (bins[0], th // bins[0])
     cols = (tw, 1) if bins[1] is None else (bins[1], tw // bins[1])
     return reduce(x.reshape(*x.shape[:-2], *rows, *cols), dim=(-3, -1))
 
 
+def adaptive_pool_as_bins(kind, x, bins):
+    """F.adaptive_{kind}_pool2d(x, bins) for any output sizes (ints or 0-dim integer tensors; None keeps the axis),
+    without pooling ops: one axis at a time, so no intermediate holds more than one axis' bins."""
+    for axis, size in zip((-2, -1), bins):
+        if size is not None:
+            x = (_bin_average if kind == "avg" else _bin_max)(x, axis, size)
+    return x
+
+
+def _bin_masks(length, size, device):
+    """(size, length) bool, row i marking torch's bin [floor(i*L/O), ceil((i+1)*L/O)), and the bin lengths. While
+    tracing, `length` (and a size read from a tensor) are 0-dim tensors: the graph computes the bins from them
+    (Range, Mul, Div), so a dynamic export follows the input size."""
+    i = torch.arange(size, device=device)
+    start = i * length // size
+    end = ((i + 1) * length + size - 1) // size  # ceil for non-negative integers
+    j = torch.arange(length, device=device)
+    return (j >= start[:, None]) & (j < end[:, None]), end - start
+
+
+def _bin_average(x, axis, size):
+    """Mean over each bin along `axis` (-2 or -1): a matmul with a matrix holding 1/len over each bin."""
+    mask, count = _bin_masks(x.shape[axis], size, x.device)
+    weights = mask.to(x.dtype) / count[:, None].to(x.dtype)
+    return weights @ x if axis == -2 else x @ weights.transpose(0, 1)
+
+
+def _bin_max(x, axis, size):
+    """Max over each bin along `axis` (-2 or -1): the input broadcast against the masks, -inf outside the bin."""
+    mask, _ = _bin_masks(x.shape[axis], size, x.device)
+    if axis == -2:  # (..., 1, L, W) against (O, L, 1)
+        return torch.where(mask[:, :, None], x.unsqueeze(-3), float("-inf")).amax(dim=-2)
+    return torch.where(mask, x.unsqueeze(-2), float("-inf")).amax(dim=-1)  # (..., H, 1, L) against (O, L)
+
+
 def _output_bins(output_size):
-    """(rows, cols) with None for 'keep', or None for a form not covered (tensors, wrong length)."""
-    if _is_int(output_size):
-        return (int(output_size), int(output_size))
+    """(rows, cols), each an int, a 0-dim integer tensor (a size read from a tensor: x.shape[-1] while tracing) or
+    None for 'keep'; None for a form not covered (other tensors, wrong length)."""
+    if _is_size(output_size):
+        return (output_size, output_size)
     if isinstance(output_size, (tuple, list)) and len(output_size) == 2 and all(
-            s is None or _is_int(s) for s in output_size):
-        return tuple(None if s is None else int(s) for s in output_size)
+            s is None or _is_size(s) for s in output_size):
+        return tuple(output_size)
     return None
+
+
+def _is_size(value):
+    return _is_int(value) or (isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype in _INT_TYPES)
+
+
+_INT_TYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _size_text(bins):
-    return "(" + ", ".join(str(b) for b in bins) + ")"
+def _size_text(bins, traced):
+    """'(5, None)'; a size read from a tensor shows its traced value and says so."""
+    text = "(" + ", ".join(str(b) for b in traced) + ")"
+    return text if all(b is None or _is_int(b) for b in bins) else text + " (read from tensors; traced values)"
 
 
 # ---- einsum -----------------------------------------------------------------------------------------------------
 
-def _einsum(original, note, *args):
+def _einsum(original, note, dynamic, *args):  # the lowering follows the traced sizes: dynamic or not
     if not args or not isinstance(args[0], str):
         note(NOT_COVERED, "einsum in sublist form is exported as torch exports it (an Einsum node)")
         return original(*args)
@@ -282,8 +343,44 @@ def _permuted(term, tensor, order):
     return tensor if perm == sorted(perm) else tensor.permute(perm)
 
 
-# What exportable_calls swaps: (owner, attribute, rewrite(original, note, *args, **kwargs)). The nn.Adaptive*Pool2d
-# modules look F.adaptive_*_pool2d up at call time, so patching F covers them.
+# ---- in-place ops on views ---------------------------------------------------------------------------------------
+
+# Tensor methods that write into `self`.
+INPLACE_METHODS = frozenset((
+    "add_", "sub_", "mul_", "div_", "pow_", "neg_", "abs_", "clamp_", "clamp_min_", "clamp_max_", "exp_", "log_",
+    "sqrt_", "rsqrt_", "sigmoid_", "tanh_", "relu_", "floor_", "ceil_", "round_", "fill_", "zero_", "masked_fill_",
+    "addcmul_", "addcdiv_", "lerp_", "reciprocal_", "sign_", "copy_", "index_put_", "scatter_", "masked_scatter_"))
+INPLACE_VIEW = "inplace-view"
+
+
+@contextlib.contextmanager
+def _inplace_views_seen(running, note):
+    """Record every in-place op on a view (a tensor with a `_base`) that block code makes, with its line, and leave
+    it as written. torch's ONNX exporter writes such an op back into the viewed tensor right only in some forms: a
+    fresh view written once is right; a chain (`ref[..., 0].div_(W).mul_(2).sub_(1)`, as deformable attention
+    normalises its reference points) or a second op on one view object exports with the later ops lost, wrong at
+    every size. No rewrite in Python helps, and even wrapping the methods or indexing changes what the exporter
+    does; a profile hook sees the calls without touching them. The block check (export_job) then decides: exact,
+    or the run fails naming the block and these lines."""
+    previous = sys.getprofile()
+
+    def profile(frame, event, arg):
+        if event == "c_call" and running and getattr(arg, "__name__", "") in INPLACE_METHODS:
+            target = getattr(arg, "__self__", None)
+            if isinstance(target, torch.Tensor) and target._base is not None:
+                code = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+                note(running[-1], INPLACE_VIEW, f"in-place op on a view (line {frame.f_lineno}: {code}): torch's "
+                                                "ONNX exporter loses some of these (chains, a second op on one view)")
+
+    sys.setprofile(profile)
+    try:
+        yield
+    finally:
+        sys.setprofile(previous)
+
+
+# What exportable_calls swaps: (owner, attribute, rewrite(original, note, dynamic, *args, **kwargs)). The
+# nn.Adaptive*Pool2d modules look F.adaptive_*_pool2d up at call time, so patching F covers them.
 _REWRITES = [
     (F, "adaptive_avg_pool2d", _adaptive_avg_pool2d),
     (F, "adaptive_max_pool2d", _adaptive_max_pool2d),
@@ -321,9 +418,10 @@ def shape_code_warnings(caught, block_files):
     return found
 
 
-def per_block(block_files, used, caught, replaced_nodes):
-    """{block: [records]}: what `exportable_calls` used, the shape-code warnings among `caught`, and the ScatterND
-    nodes `literal_slice_writes` replaced (charged to the block whose module path encloses the node)."""
+def per_block(block_files, used, caught, graph_passes):
+    """{block: [records]}: what `exportable_calls` used, the shape-code warnings among `caught`, and the nodes each
+    ONNX graph pass changed (`graph_passes`: {pass: node names}, see GRAPH_PASSES), charged to the block whose
+    module path encloses the node."""
     blocks = {name: [] for names in block_files.values() for name in names}
 
     def add(block, record):
@@ -335,8 +433,19 @@ def per_block(block_files, used, caught, replaced_nodes):
     for r in shape_code_warnings(caught, block_files):
         for block in block_files[r["block_file"]]:
             add(block, {"rewrite": r["rewrite"], "detail": r["detail"]})
-    for node in replaced_nodes:
-        scope = node_scope(node)
-        for block in (b for b in blocks if scope == b or scope.startswith(b + ".")):
-            add(block, {"rewrite": "slice-writes", "detail": "in-place slice write as Slice + Concat (was ScatterND)"})
+    for graph_pass, nodes in graph_passes.items():
+        rewrite, detail = GRAPH_PASSES[graph_pass]
+        for node in nodes:
+            scope = node_scope(node)
+            for block in (b for b in blocks if scope == b or scope.startswith(b + ".")):
+                add(block, {"rewrite": rewrite, "detail": detail})
     return blocks
+
+
+# The ONNX graph passes of export.graph.to_onnx.export_yolo (its log key: record) whose nodes are charged to blocks.
+GRAPH_PASSES = {
+    "float64": ("float64", "float64 values (the tracer's typing of shape arithmetic) computed in float32, as "
+                           "PyTorch computed them"),
+    "grid_sample": ("grid-sample-type", "GridSample's grid cast to its input's type (TensorRT needs one type)"),
+    "slice_writes": ("slice-writes", "in-place slice write as Slice + Concat (was ScatterND)"),
+}

@@ -4,6 +4,9 @@
   lint findings, the per-block profile and the generic rewrites' records are charged to blocks through it;
 - `literal_slice_writes`: ScatterND writing a literal box -> Slice + Concat (bit-identical: only copies);
 - `literal_reshapes`: runtime-shaped Reshapes marked `allowzero=1`, torch's literal meaning;
+- `float64_as_float32`: the tracer's float64 (shape arithmetic like `H - 0.5`, `linspace` of sizes) computed in
+  float32, which is what PyTorch computed: no runtime we target has fp64 kernels for most ops;
+- `grid_sample_one_type`: GridSample's grid cast to its input's type (TensorRT requires one type);
 - `constant_tensors`: the initializers and Constant nodes of a graph or a local function.
 """
 
@@ -244,3 +247,91 @@ def _subgraph_nodes(graph):
             for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
                 yield from body.node
                 yield from _subgraph_nodes(body)
+
+
+# ---- float64 -------------------------------------------------------------------------------------------------
+DOUBLE, FLOAT = onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT
+_DTYPE_ATTRIBUTES = ("to", "dtype")  # Cast's target; the dtype of EyeLike, Random*, ...
+
+
+def float64_as_float32(proto):
+    """Make every float64 tensor of the main graph (and its subgraphs) float32: Cast targets, dtype attributes,
+    Constant / ConstantOfShape values, initializers, declared value types. Returns the names of the nodes that
+    made or held float64 values. torch's tracer types Python floats mixed with traced sizes as float64 (`H - 0.5`,
+    `linspace(0.5, H - 0.5, H)`) though PyTorch computed them in float32 (the default dtype); ONNX Runtime has no
+    float64 kernel for GridSample and many others, TensorRT none at all. The main graph's inputs are left as
+    declared (images: float32)."""
+    changed = []
+    _float64_in(proto.graph, changed, top=True)
+    return list(dict.fromkeys(changed))
+
+
+def _float64_in(graph, changed, top=False):
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.name or node.output[0])
+        if _float64_node(node):
+            changed.append(node.name or node.output[0])
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                _float64_in(body, changed)
+    for tensor in graph.initializer:
+        if tensor.data_type == DOUBLE:
+            _as_float32(tensor)
+            changed.extend(consumers.get(tensor.name, []))
+    declared = list(graph.value_info) + list(graph.output) + ([] if top else list(graph.input))
+    for info in declared:
+        if info.type.tensor_type.elem_type == DOUBLE:
+            info.type.tensor_type.elem_type = FLOAT
+
+
+def _float64_node(node):
+    """Rewrite one node's float64 attributes in place; whether it had any."""
+    found = False
+    for attribute in node.attribute:
+        if attribute.name in _DTYPE_ATTRIBUTES and attribute.type == onnx.AttributeProto.INT and attribute.i == DOUBLE:
+            attribute.i, found = FLOAT, True
+        elif attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type == DOUBLE:
+            _as_float32(attribute.t)
+            found = True
+    return found
+
+
+def _as_float32(tensor):
+    values = numpy_helper.to_array(tensor).astype(np.float32)
+    tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+
+
+# ---- GridSample ----------------------------------------------------------------------------------------------
+def grid_sample_one_type(proto):
+    """Cast the grid of each GridSample of the main graph whose grid type differs from its input's to the input's
+    type; returns the names of those nodes. ONNX lets them differ (T1, T2); TensorRT's IGridSampleLayer does not
+    ("input and grid must be of same type"). The input's type is what PyTorch samples in (grid_sample requires one
+    dtype there), so the cast reproduces it."""
+    samplers = [n for n in proto.graph.node if n.op_type == "GridSample" and n.domain in ("", "ai.onnx")]
+    if not samplers:
+        return []
+    types = _elem_types(proto)
+    fixed = []
+    for node in samplers:
+        x, grid = types.get(node.input[0]), types.get(node.input[1])
+        if x and grid and x != grid:
+            name = f"{node.name or node.output[0]}/grid_cast"
+            cast = helper.make_node("Cast", [node.input[1]], [name + "_output"], name=name, to=x)
+            proto.graph.node.insert(list(proto.graph.node).index(node), cast)
+            node.input[1] = cast.output[0]
+            fixed.append(node.name or node.output[0])
+    return fixed
+
+
+def _elem_types(proto):
+    """{value name: ONNX element type} as shape inference finds them."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto).graph
+    except onnx.shape_inference.InferenceError:
+        inferred = proto.graph
+    types = {t.name: t.data_type for t in inferred.initializer}
+    for info in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
+        types[info.name] = info.type.tensor_type.elem_type
+    return types

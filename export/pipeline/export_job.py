@@ -7,6 +7,7 @@ so no stage writes into another's output. Family specifics reach this job only t
 """
 
 import functools
+import re
 import statistics
 import sys
 import tempfile
@@ -100,6 +101,7 @@ class Engine:
 class Verified:
     parity: dict = field(default_factory=dict)  # backend -> metrics and verdict, or {"skipped": reason}
     localization: dict = None
+    block_check: dict = None  # --code blocks, each compared on its own with PyTorch (see _block_check)
     images: object = None  # the parity images pictured in detections.png
     accuracy: dict = None
     speed: dict = None
@@ -120,8 +122,34 @@ def run(args):
     findings = lint_files(exported.files, args.dynamic)
     engine = build(args, inputs, exported) if args.engine else None
     verified = verify(args, plan, inputs, rewritten, exported, engine)
+    islands = [{"block": name, "reason": "--fp32-keep"} for name in args.fp32_keep]
+    while len(islands) < MAX_AUTO_ISLANDS and (island := fp16_island_needed(verified, plan, args.fp32_keep)):
+        islands.append(island)
+        args.fp32_keep.append(island["block"])
+        say(f"fp16: keeping {island['block']} in fp32 ({island['reason']}); exporting and checking again")
+        exported.files.update(export_onnx(args, plan, inputs, rewritten, precisions=("fp16",)).files)
+        findings = lint_files(exported.files, args.dynamic)
+        engine = build(args, inputs, exported) if args.engine == "fp16" else engine
+        verified = verify(args, plan, inputs, rewritten, exported, engine)
     report = assemble_report(args, plan, inputs, rewritten, exported, int8, findings, engine, verified)
+    report["fp32_islands"] = islands
     return finish(report, inputs.out)
+
+
+MAX_AUTO_ISLANDS = 3
+
+
+def fp16_island_needed(verified, plan, kept):
+    """{"block", "reason"} when the fp16 ONNX failed parity and localisation named a block not yet kept fp32 (what
+    the int8 sensitivity fallback does for int8: found, not guessed), else None."""
+    located = verified.localization
+    if not located or located["backend"] != plan.backend_key("fp16") or "fp16" not in plan.files:
+        return None
+    block = located["first_divergent_block"]
+    if block is None or block in kept:
+        return None
+    return {"block": block, "reason": f"fp16 parity failed and the block was the first to diverge, "
+                                      f"{located['block_errors'][block]:.2g} of its output scale"}
 
 
 def make_plan(args):
@@ -174,7 +202,8 @@ def rewrite_blocks(args, inputs):
     _first_forward(inputs)
     twin, checks = _stage("rewrite", lambda: rewrite(inputs.loaded.model, inputs.imgsz, images=inputs.images[:1]))
     user_blocks = _as_written(twin, inputs.loaded)
-    _check_excludes(twin, args.int8_exclude, inputs.kind)
+    _check_excludes(twin, args.int8_exclude, inputs.kind, "--int8-exclude")
+    _check_excludes(twin, args.fp32_keep, inputs.kind, "--fp32-keep")
     plugin_blocks = plugins.apply(twin) if args.plugins else 0
     for c in checks:
         say(f"  {c.name}: {c.reference} -> {c.twin}, max abs diff {c.max_abs:.3g} ({c.rel:.2g} of scale)"
@@ -206,30 +235,32 @@ def _as_written(twin, loaded):
     return blocks
 
 
-def _check_excludes(model, names, kind):
+def _check_excludes(model, names, kind, flag):
     known = {n for n, _ in model.named_modules() if n}
     for name in names:
         if name not in known:
             example = ", ".join(b.path for b in int8_blocks(model, kind)[:3])
-            raise BadInput(f"--int8-exclude {name}: no such module in the model; use module paths such as "
+            raise BadInput(f"{flag} {shown(name, 80)}: no such module in the model; use module paths such as "
                            f"{example}")
 
 
-def export_onnx(args, plan, inputs, rewritten):
-    """The fp32 / fp16 ONNX files; the --code blocks go through the generic rewrites (recorded per block)."""
+def export_onnx(args, plan, inputs, rewritten, precisions=None):
+    """The fp32 / fp16 ONNX files (`precisions`: only these); the --code blocks go through the generic rewrites
+    (recorded per block); the --fp32-keep blocks stay fp32 in the fp16 file."""
     files, user_blocks = {}, rewritten.user_blocks
     sources = generic.block_source_files(rewritten.twin, list(user_blocks))
-    for precision in plan.float_files:
+    for precision in precisions or plan.float_files:
         path = inputs.out / f"{args.weights.stem}{'' if precision == 'fp32' else '_' + precision}.onnx"
         log = {}
-        with generic.exportable_calls(rewritten.twin, list(user_blocks)) as used:
+        with generic.exportable_calls(rewritten.twin, list(user_blocks), dynamic=args.dynamic) as used:
             _stage("ONNX export", lambda: export_yolo(
                 rewritten.twin, inputs.loaded, path, inputs.imgsz, batch=args.batch, dynamic=args.dynamic,
                 half=precision == "fp16", opset=args.opset, simplify=not args.no_simplify, verbose=args.verbose,
-                log=log))
+                log=log, fp32_blocks=args.fp32_keep))
         say(f"wrote {path}")
         files[precision] = path
-        for block, records in generic.per_block(sources, used, log["tracer_warnings"], log["slice_writes"]).items():
+        for block, records in generic.per_block(sources, used, log["tracer_warnings"],
+                                                    {k: log[k] for k in generic.GRAPH_PASSES}).items():
             for r in records:
                 if r not in user_blocks[block]["rewrites"]:
                     user_blocks[block]["rewrites"].append(r)
@@ -321,7 +352,7 @@ def verify(args, plan, inputs, rewritten, exported, engine):
     precisions = precision_of(plan, engine)
     batch_images = tile(inputs.images, args.batch)
     if not args.no_parity:
-        _parity(verified, runners, batch_images, precisions, args.batch, inputs, rewritten)
+        _parity(verified, runners, batch_images, precisions, args.batch, inputs, rewritten, args)
     if inputs.accuracy:
         scored = {b: r for b, r in runners.items() if b != "torch"}  # the twin in PyTorch: parity covers it
         verified.accuracy = inputs.accuracy.table(scored, precisions)
@@ -345,7 +376,8 @@ def _runners(inputs, twin, plan, files, engine, parity, runtime):
     `runtime`."""
     reference = models.reference_at(inputs.loaded.model, *inputs.imgsz)
     runners = {"reference": TorchRunner(reference), "torch": TorchRunner(twin)}
-    runners.update({plan.backend_key(p): OrtRunner(path) for p, path in files.items()})
+    runners.update({plan.backend_key(p): _stage(f"ONNX Runtime session for {path.name}", functools.partial(
+        OrtRunner, path)) for p, path in files.items()})
     providers = next(r.providers for b, r in runners.items() if b.startswith("onnxruntime"))
     runtime["onnxruntime"], runtime["providers"] = ort.__version__, providers
     runtime["tensorrt"] = engine.build["backend"] if engine else None
@@ -361,14 +393,15 @@ def _runners(inputs, twin, plan, files, engine, parity, runtime):
     return runners
 
 
-def _parity(verified, runners, images, precisions, batch, inputs, rewritten):
+def _parity(verified, runners, images, precisions, batch, inputs, rewritten, args):
     reference = runners["reference"]
     verified.images = images[:MAX_PICTURED]
     own = _own_fp16_error(reference, rewritten.twin, images, batch) if "fp16" in precisions.values() else None
     for backend in tqdm([b for b in runners if b != "reference"], desc="parity", leave=False, disable=None):
         wanted = precisions[backend]
-        r = verified.parity[backend] = compare(reference, runners[backend], images, wanted, batch,
-                                               inputs.kind.to_v8_layout, thresholds_for(wanted, own))
+        r = verified.parity[backend] = _stage(f"parity run of {backend}", functools.partial(
+            compare, reference, runners[backend], images, wanted, batch, inputs.kind.to_v8_layout,
+            thresholds_for(wanted, own)))
         r["precision"] = wanted
         if wanted == "fp16":
             r["fp16_own_rel_max_abs"], r["fixed_rel_max_abs_limit"] = own, THRESHOLDS["fp16"].rel_max_abs
@@ -377,16 +410,67 @@ def _parity(verified, runners, images, precisions, batch, inputs, rewritten):
             f"{r['box_recall']:.3f}, precision {r['box_precision']:.3f}"
             + (f" ({borderline} borderline decisions not counted)" if borderline else "")
             + f", mAP50-95 {r['map50_95']:.3f} -> {'pass' if r['pass'] else 'FAIL'}")
+    if args.dynamic:
+        _second_size_parity(verified, runners, precisions, inputs, args, own)
+    if rewritten.user_blocks:
+        verified.block_check = _block_check(reference, rewritten, images, args.dynamic)
     failed_float = [b for b in runners if b.startswith("onnxruntime") and precisions[b] != "int8"
                     and verified.parity[b]["pass"] is False]
     if failed_float:
         precision = precisions[failed_float[0]]
         twin, user_blocks = rewritten.twin, list(rewritten.user_blocks)
         with tempfile.TemporaryDirectory() as tmp:
-            with generic.exportable_calls(twin, user_blocks):  # as the export traced them
-                first, errors = localize(reference.model, twin, images, precision == "fp16", tmp, precision)
+            with generic.exportable_calls(twin, user_blocks, dynamic=args.dynamic):  # as the export traced them
+                first, errors = localize(reference.model, twin, images, precision == "fp16", tmp, precision,
+                                         fp32_blocks=args.fp32_keep)
         verified.localization = {"backend": failed_float[0], "first_divergent_block": first, "block_errors": errors}
         say(f"localization: first diverging block in ONNX Runtime: {first}")
+
+
+def second_size(imgsz, stride):
+    """The size a dynamic export is also proven at: one stride step smaller on each axis (larger where that would
+    leave less than two steps), so window counts, padding branches and pooled sizes all change."""
+    return tuple(side - stride if side >= 3 * stride else side + stride for side in imgsz)
+
+
+def _second_size_parity(verified, runners, precisions, inputs, args, own):
+    """A dynamic ONNX at a second input size against the reference run at that size: shape code the trace froze
+    (a window count, a padding branch, a size read as a Python number) is right at the export size only."""
+    size = second_size(inputs.imgsz, int(max(inputs.loaded.stride)))
+    images = tile(read_images(args.images, size), args.batch)
+    reference = TorchRunner(models.reference_at(inputs.loaded.model, *size))
+    for backend in [b for b in runners if b.startswith("onnxruntime")]:
+        wanted = precisions[backend]
+        r = _stage(f"parity at {size[0]}x{size[1]}", lambda: compare(
+            reference, runners[backend], images, wanted, args.batch, inputs.kind.to_v8_layout,
+            thresholds_for(wanted, own)))
+        r["precision"], r["imgsz"] = wanted, list(size)
+        verified.parity[f"{backend}@{size[0]}x{size[1]}"] = r
+        say(f"parity {backend} ({wanted}) at {size[0]}x{size[1]} (dynamic: a second size): max abs "
+            f"{r['max_abs']:.3g}, cosine {r['cosine']:.7f}, box recall {r['box_recall']:.3f}, precision "
+            f"{r['box_precision']:.3f} -> {'pass' if r['pass'] else 'FAIL'}")
+
+
+def _block_check(reference, rewritten, images, dynamic):
+    """Each --code block's ONNX output (fp32, exported as the files were) against the same block in PyTorch. The
+    model's output can hide a wrong block (a deformable block's sampling points off by a fraction of a pixel moves
+    the boxes by far less than the parity limits), and torch's exporter gets some code wrong with no error at all
+    (in-place ops on views): so every block is held to the fp32 limit on its own, and a failure names the block and
+    what in its code is known to export wrong."""
+    names = list(rewritten.user_blocks)
+    with tempfile.TemporaryDirectory() as tmp:
+        with generic.exportable_calls(rewritten.twin, names, dynamic=dynamic):
+            _, errors = localize(reference.model, rewritten.twin, images, False, tmp, "fp32")
+    limit = THRESHOLDS["fp32"].rel_max_abs
+    failed = [b for b in names if not errors[b] <= limit]  # NaN fails
+    for block in names:
+        entry = rewritten.user_blocks[block]
+        say(f"block check {block} ({entry['class'].rpartition('.')[2]}): {errors[block]:.2g} of its output scale from "
+            f"PyTorch (limit {limit:.0e}) -> {'FAIL' if block in failed else 'pass'}")
+        for r in (r for r in entry["rewrites"] if block in failed and r["rewrite"] == generic.INPLACE_VIEW):
+            say(f"  likely cause: {r['detail']}; write it out of place (t = t.op(...)) or as t[i] = t[i].op(...)")
+    return {"precision": "fp32", "limit": limit, "errors": {b: errors[b] for b in names}, "failed": failed,
+            "pass": not failed}
 
 
 def _own_fp16_error(reference, twin, images, batch):
@@ -438,7 +522,7 @@ def assemble_report(args, plan, inputs, rewritten, exported, int8, lint_findings
     optional = {"user_blocks": rewritten.user_blocks or None,
                 "user_code": loaded.user_code if rewritten.user_blocks else None, "plugins": exported.plugins,
                 "int8": int8, "engine_build": engine.build if engine else None,
-                "localization": verified.localization, "accuracy": verified.accuracy, "bench": verified.bench,
+                "localization": verified.localization, "block_check": verified.block_check, "accuracy": verified.accuracy, "bench": verified.bench,
                 "blocks": verified.blocks}
     report.update({key: value for key, value in optional.items() if value is not None})
     if verified.images is not None:
@@ -455,6 +539,8 @@ def _notes(checks):
 def finish(report, out):
     """Write the report; the exit code says whether every verdict passed."""
     failed = [b for b, r in report["parity"].items() if r.get("pass") is False]
+    if report.get("block_check", {}).get("pass") is False:
+        failed.append("block check (" + ", ".join(report["block_check"]["failed"]) + ")")
     if report.get("int8", {}).get("pass") is False:
         failed.append("int8 accuracy")
     report["exit_code"] = EXIT_VERDICT_FAILED if failed else EXIT_OK
@@ -480,5 +566,16 @@ def _stage(name, fn):
     except BadInput:  # bad input found while working (an unreadable calibration image): exit 2
         raise
     except Exception as e:  # the stage's own failure, reported in one line with exit code 3
-        detail = str(e).splitlines()[0] if str(e) else ""
-        raise StageFailed(f"{name} failed: {type(e).__name__}: {detail}") from e
+        detail = str(e).splitlines()[0].partition("  [Caused by")[0] if str(e) else ""  # torch appends its IR
+        block = _block_named_in(str(e))
+        raise StageFailed(f"{name} failed: {type(e).__name__}: {shown(detail, 400)}"
+                          + (f" (in block {block})" if block else "")) from e
+
+
+def _block_named_in(message):
+    """The module path of the first ONNX node an error message names (ONNX Runtime quotes node names), or None."""
+    for match in re.finditer(r"(/model/[\w./-]+)", message):
+        block = node_scope(match.group(1))
+        if block:
+            return block
+    return None

@@ -84,6 +84,7 @@ def markdown(report):
         if report.get("localization"):
             loc = report["localization"]
             lines += ["", f"First diverging block ({loc['backend']}): `{loc['first_divergent_block']}`"]
+        lines += _block_check_lines(report.get("block_check")) + _island_lines(report.get("fp32_islands"))
     else:
         lines.append("Skipped (--no-parity).")
     if "parity.png" in report.get("pictures", []):
@@ -97,6 +98,22 @@ def markdown(report):
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _block_check_lines(check):
+    """Each --code block's own ONNX output against PyTorch (the model's output can hide a wrong block)."""
+    if not check:
+        return []
+    return ["", f"Block check (each --code block's ONNX output, {check['precision']}, against PyTorch; limit "
+                f"{check['limit']:.0e} of the block's output scale):", ""] + [
+        f"- `{block}`: {error:.2g} -> {'**FAIL**' if block in check['failed'] else 'pass'}"
+        for block, error in check["errors"].items()]
+
+
+def _island_lines(islands):
+    if not islands:
+        return []
+    return ["", "Kept fp32 inside the fp16 model:", ""] + [f"- `{i['block']}`: {i['reason']}" for i in islands]
 
 
 CRITERIA = (("rel_max_abs", "max abs / output scale", "<="), ("cosine", "cosine", ">="),

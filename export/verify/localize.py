@@ -9,18 +9,22 @@ import numpy as np
 import torch
 
 from export.graph.rewrite import watched_blocks
-from export.graph.to_onnx import trace
+from export.graph.to_onnx import keep_fp32, trace
 from export.verify.parity import THRESHOLDS
 from export.verify.runners import OrtRunner
 
 
-def localize(reference_model, twin, images, half, tmpdir, precision):
+def localize(reference_model, twin, images, half, tmpdir, precision, fp32_blocks=()):
     """Export the twin with every block that is not stock ultralytics (attention families, --code blocks) as an
     extra ONNX output; name the first whose ONNX Runtime output diverges from the PyTorch reference's.
-    Returns (name or None, per-block rel errors)."""
+    `fp32_blocks`: kept fp32 in a half export, as the fp16 file has them. Returns (name or None, per-block rel
+    errors)."""
     names = watched_blocks(reference_model)
     twin = copy.deepcopy(twin)
-    probe = _BlockTap(twin.half() if half else twin.float(), names, half)
+    twin = twin.half() if half else twin.float()
+    for name in fp32_blocks if half else ():
+        keep_fp32(twin.get_submodule(name))
+    probe = _BlockTap(twin, names, half)
     proto = trace(probe, torch.from_numpy(images[:1]), input_names=["images"], output_names=["output0", *names])
     path = Path(tmpdir) / "localize.onnx"
     path.write_bytes(proto.SerializeToString())
