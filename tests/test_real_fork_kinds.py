@@ -63,6 +63,9 @@ def test_dynamic_export_matches_at_a_second_size(fork, tmp_path):
     assert code == 0 and report["block_check"]["pass"]
     second = report["parity"]["onnxruntime@96x96"]
     assert second["pass"] and second["imgsz"] == [96, 96] and report["parity"]["onnxruntime"]["pass"]
+    frozen = [f for f in report["lint"] if f["rule"] == "frozen-shape"]  # the lint names the frozen line per block
+    assert frozen and all(f["block"] == "model.18.1" for f in frozen)
+    assert any("scale = torch.tensor([1.0 / hk, 1.0 / wk]" in f["message"] for f in frozen)
 
 
 @pytest.mark.slow

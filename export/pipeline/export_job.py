@@ -119,7 +119,7 @@ def run(args):
     inputs.out.mkdir(parents=True, exist_ok=True)
     exported = export_onnx(args, plan, inputs, rewritten)
     int8 = quantize(args, inputs, rewritten, exported) if inputs.calibration else None
-    findings = lint_files(exported.files, args.dynamic)
+    findings = lint_files(exported.files, args.dynamic, rewritten.user_blocks)
     engine = build(args, inputs, exported) if args.engine else None
     verified = verify(args, plan, inputs, rewritten, exported, engine)
     islands = [{"block": name, "reason": "--fp32-keep"} for name in args.fp32_keep]
@@ -128,7 +128,7 @@ def run(args):
         args.fp32_keep.append(island["block"])
         say(f"fp16: keeping {island['block']} in fp32 ({island['reason']}); exporting and checking again")
         exported.files.update(export_onnx(args, plan, inputs, rewritten, precisions=("fp16",)).files)
-        findings = lint_files(exported.files, args.dynamic)
+        findings = lint_files(exported.files, args.dynamic, rewritten.user_blocks)
         engine = build(args, inputs, exported) if args.engine == "fp16" else engine
         verified = verify(args, plan, inputs, rewritten, exported, engine)
     report = assemble_report(args, plan, inputs, rewritten, exported, int8, findings, engine, verified)
@@ -308,16 +308,25 @@ def quantize(args, inputs, rewritten, exported):
     return section
 
 
-def lint_files(files, dynamic):
-    """Lint findings of every file, each tagged with its file's precision and the block its node belongs to."""
+def lint_files(files, dynamic, user_blocks=None):
+    """Lint findings of every file, each tagged with its file's precision and the block its node belongs to. In a
+    dynamic export, the --code blocks' shape code (values the trace froze at the export size) is a finding too."""
     found = []
     for precision, path in files.items():
-        findings = lint(onnx.load(str(path)), dynamic=dynamic)
+        findings = lint(onnx.load(str(path)), dynamic=dynamic) + (frozen_shape_findings(user_blocks) if dynamic
+                                                                  else [])
         say(f"lint {path.name}: {lint_summary(findings)}")
         for f in findings:
-            say(f"  {f['severity']}: {f['message']} ({f['node']})")
-            found.append({**f, "onnx": precision, "block": node_scope(f["node"])})
+            say(f"  {f['severity']}: {f['message']}" + (f" ({f['node']})" if f["node"] else ""))
+            found.append({"block": node_scope(f["node"]), **f, "onnx": precision})
     return found
+
+
+def frozen_shape_findings(user_blocks):
+    """Lint findings for the shape-code records of the --code blocks: the line the trace froze, per block."""
+    return [{"severity": "warn", "rule": "frozen-shape", "node": "", "op": "", "block": block,
+             "message": f"{block}: {r['detail']}"}
+            for block, entry in (user_blocks or {}).items() for r in entry["rewrites"] if r["rewrite"] == "shape-code"]
 
 
 # ---- engine ----------------------------------------------------------------------------------------------------
