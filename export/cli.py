@@ -108,8 +108,6 @@ def check_code(folders):
 def check_bench(args):
     if min(args.batch, args.rounds, args.iterations) < 1 or args.warmup < 0 or (args.threads or 1) < 1:
         raise BadInput("--batch, --rounds, --iterations and --threads must be >= 1, --warmup >= 0")
-    if args.fp32_keep and not (args.half or args.engine in ("fp16", "int8") or args.int8):
-        raise BadInput("--fp32-keep configures the fp16 model: add --half (or --engine fp16)")
     check_out(args.out)
     check_code(args.code)
 

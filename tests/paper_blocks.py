@@ -55,8 +55,11 @@ SOURCES = {
     # Deformable attention (Xia et al., 2022): an offset network on the queries moves a grid of reference points
     # (the centres of a strided key grid, built with linspace of the grid's sizes and normalised to [-1, 1]); keys
     # and values are sampled there from the feature map with bilinear grid_sample, per offset group.
-    # `DeformableAttentionInPlace` normalises the points as the paper's code does, by in-place ops on views, which
-    # torch's ONNX exporter gets wrong.
+    # `DeformableAttentionInPlace` normalises the points as the paper's code does, by chains of in-place ops on
+    # indexed views, which torch's ONNX exporter gets wrong (rewritten at import); `DeformableAttentionHeldView`
+    # does it through a view held in a variable, which is not rewritten and fails the block check;
+    # `DeformableAttentionFrozenScale` scales the offsets by a tensor made from the sizes, which a trace freezes:
+    # right at the export size only.
     "DeformableAttention": '''
         import torch
         import torch.nn.functional as F
@@ -75,12 +78,21 @@ SOURCES = {
                                             nn.Conv2d(cg, 2, 1, bias=False))
                 self.proj = nn.Conv2d(c, c, 1)
 
+            @staticmethod
+            def centres(hk, wk, dtype, device):
+                """The key grid's cell centres in pixels: (y, x), each (hk, wk)."""
+                return torch.meshgrid(torch.linspace(0.5, hk - 0.5, hk, dtype=dtype, device=device),
+                                      torch.linspace(0.5, wk - 0.5, wk, dtype=dtype, device=device), indexing="ij")
+
             @torch.no_grad()
             def reference(self, hk, wk, dtype, device):
-                ref_y, ref_x = torch.meshgrid(torch.linspace(0.5, hk - 0.5, hk, dtype=dtype, device=device),
-                                              torch.linspace(0.5, wk - 0.5, wk, dtype=dtype, device=device),
-                                              indexing="ij")
+                ref_y, ref_x = self.centres(hk, wk, dtype, device)
                 return torch.stack((ref_y / hk * 2 - 1, ref_x / wk * 2 - 1), -1)[None]  # (1, hk, wk, 2) as (y, x)
+
+            @staticmethod
+            def normalised(offset, hk, wk):
+                """(b, 2, hk, wk) key-grid pixels -> (b, hk, wk, 2) in grid_sample's [-1, 1] units."""
+                return torch.stack((offset[:, 0] / hk, offset[:, 1] / wk), -1) * 2
 
             def forward(self, x):
                 b, c, h, w = x.shape
@@ -88,8 +100,7 @@ SOURCES = {
                 q = self.q(x)
                 offset = self.offset(q.reshape(b * g, cg, h, w))  # (b*g, 2, hk, wk) in key-grid pixels
                 hk, wk = offset.shape[2:]
-                scale = torch.tensor([1.0 / hk, 1.0 / wk], dtype=x.dtype, device=x.device).reshape(1, 2, 1, 1)
-                offset = (offset.tanh() * self.offset_range * scale * 2).permute(0, 2, 3, 1)
+                offset = self.normalised(offset.tanh() * self.offset_range, hk, wk)
                 pos = (offset + self.reference(hk, wk, x.dtype, x.device)).clamp(-1, 1)
                 sampled = F.grid_sample(x.reshape(b * g, cg, h, w), pos[..., (1, 0)], mode="bilinear",
                                         align_corners=True)
@@ -104,13 +115,28 @@ SOURCES = {
         class DeformableAttentionInPlace(DeformableAttention):
             @torch.no_grad()
             def reference(self, hk, wk, dtype, device):
-                ref_y, ref_x = torch.meshgrid(torch.linspace(0.5, hk - 0.5, hk, dtype=dtype, device=device),
-                                              torch.linspace(0.5, wk - 0.5, wk, dtype=dtype, device=device),
-                                              indexing="ij")
-                ref = torch.stack((ref_y, ref_x), -1)
+                ref = torch.stack(self.centres(hk, wk, dtype, device), -1)
                 ref[..., 1].div_(wk).mul_(2).sub_(1)
                 ref[..., 0].div_(hk).mul_(2).sub_(1)
                 return ref[None]
+
+
+        class DeformableAttentionHeldView(DeformableAttention):
+            @torch.no_grad()
+            def reference(self, hk, wk, dtype, device):
+                ref = torch.stack(self.centres(hk, wk, dtype, device), -1)
+                xs = ref[..., 1]
+                xs.div_(wk)
+                xs.mul_(2).sub_(1)
+                ref[..., 0] = ref[..., 0] / hk * 2 - 1
+                return ref[None]
+
+
+        class DeformableAttentionFrozenScale(DeformableAttention):
+            @staticmethod
+            def normalised(offset, hk, wk):  # as the paper's code: the sizes become a constant tensor in a trace
+                scale = torch.tensor([1.0 / hk, 1.0 / wk], dtype=offset.dtype, device=offset.device)
+                return (offset * scale.reshape(1, 2, 1, 1) * 2).permute(0, 2, 3, 1)
     ''',
     # Local self-attention over k x k neighbourhoods (SASA / ACmix's attention path), with heads split over
     # dilation rates as in multi-dilated local attention: reflection padding, then nn.Unfold gathers each pixel's
@@ -184,19 +210,19 @@ SOURCES = {
 
 
         class ScaledGate(nn.Module):
-            def __init__(self, c, gain=3000.0):
+            def __init__(self, c, gain=1e5):
                 super().__init__()
                 self.gain = gain
                 self.mix = nn.Conv2d(c, c, 1)
 
             def forward(self, x):
                 energy = (x * self.gain).pow(2).mean(1, keepdim=True)
-                return x + self.mix(x) * torch.rsqrt(energy + 1.0) * self.gain
+                return self.mix(x) * torch.rsqrt(energy + 1.0) * self.gain
     ''',
 }
 # yolov8n at 128: layer 12 and 18 are P4 (8x8), 15 P3 (16x16), 21 P5 (4x4).
-PLACEMENT = {12: ("MixedLocalChannel", 128), 15: ("RoutingAttention", 64), 18: ("DeformableAttention", 128),
-             21: ("LocalUnfoldAttention", 256)}
+PLACEMENT = {12: ("MixedLocalChannel", 128), 15: ("RoutingAttention", 64),
+             18: ("DeformableAttention:DeformableAttentionInPlace", 128), 21: ("LocalUnfoldAttention", 256)}
 
 
 def write_fork(root):

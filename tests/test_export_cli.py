@@ -210,7 +210,7 @@ def test_a_model_that_fails_its_first_forward_is_bad_input(tmp_path, capsys):
 def test_an_unexpected_failure_is_one_line_and_exit_3(tmp_path, monkeypatch, capsys):
     from export.pipeline import export_job
 
-    def broken(files, dynamic):
+    def broken(*args):
         raise ValueError("something of ours broke\nsecond line")
 
     monkeypatch.setattr(export_job, "lint_files", broken)

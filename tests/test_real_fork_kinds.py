@@ -15,8 +15,8 @@ from export.graph.onnx_passes import float64_as_float32, grid_sample_one_type
 from export.pipeline.export_job import _block_named_in, second_size
 from tests import paper_blocks
 
-BLOCKS = {"model.12.1": "MixedLocalChannel", "model.15.1": "RoutingAttention", "model.18.1": "DeformableAttention",
-          "model.21.1": "LocalUnfoldAttention"}
+BLOCKS = {"model.12.1": "MixedLocalChannel", "model.15.1": "RoutingAttention",
+          "model.18.1": "DeformableAttentionInPlace", "model.21.1": "LocalUnfoldAttention"}
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,10 @@ def test_fp32_export_matches_block_by_block(fork, tmp_path):
     assert check["pass"] and set(check["errors"]) == set(BLOCKS) and max(check["errors"].values()) < 1e-4
     records = _records(report)
     assert "adaptive-pool" in records["model.12.1"]  # to 5x5 from 8x8 (non-dividing) and back up to 8x8 (larger)
-    assert "float64" in records["model.18.1"]  # linspace of traced sizes
-    assert report["lint"] == []  # no fp64, no fixed-kernel pooling left
+    assert {"float64", "inplace-chain"} <= records["model.18.1"]  # linspace of traced sizes; the reference points
+    details = [r["detail"] for r in report["user_blocks"]["model.18.1"]["rewrites"] if r["rewrite"] == "inplace-chain"]
+    assert len(details) == 2 and "ref[..., 1].div_(wk).mul_(2).sub_(1) as an indexed assignment" in details[0]
+    assert report["lint"] == []  # no fp64, no fixed-kernel pooling, no ScatterND left
 
 
 @pytest.mark.slow
@@ -63,24 +65,32 @@ def test_dynamic_export_matches_at_a_second_size(fork, tmp_path):
     assert code == 0 and report["block_check"]["pass"]
     second = report["parity"]["onnxruntime@96x96"]
     assert second["pass"] and second["imgsz"] == [96, 96] and report["parity"]["onnxruntime"]["pass"]
-    frozen = [f for f in report["lint"] if f["rule"] == "frozen-shape"]  # the lint names the frozen line per block
-    assert frozen and all(f["block"] == "model.18.1" for f in frozen)
-    assert any("scale = torch.tensor([1.0 / hk, 1.0 / wk]" in f["message"] for f in frozen)
+    assert report["block_check"]["second_imgsz"] == [96, 96] and max(report["block_check"]["errors_second"].values()) < 1e-4
 
 
 @pytest.mark.slow
-def test_inplace_ops_on_views_fail_the_block_check_naming_block_and_line(fork, tmp_path, capsys):
+def test_code_the_exporter_gets_wrong_fails_the_block_check_naming_block_and_line(fork, tmp_path, capsys):
+    """A view held in a variable and written twice (wrong at every size) and offsets scaled by a tensor made from
+    the sizes (frozen by the trace: right at the export size only), in one dynamic export."""
     root, _ = fork
-    ckpt = paper_blocks.save_checkpoint(root, tmp_path / "inplace.pt",
-                                        {18: ("DeformableAttention:DeformableAttentionInPlace", 128)})
+    ckpt = paper_blocks.save_checkpoint(root, tmp_path / "wrong.pt", {
+        15: ("DeformableAttention:DeformableAttentionHeldView", 64),
+        18: ("DeformableAttention:DeformableAttentionFrozenScale", 128)})
     out = tmp_path / "out"
-    assert main(["--weights", str(ckpt), "--code", str(root), "--out", str(out)]) == 4
+    assert main(["--weights", str(ckpt), "--code", str(root), "--out", str(out), "--dynamic"]) == 4
     captured = capsys.readouterr()
-    assert "block check model.18.1 (DeformableAttentionInPlace)" in captured.out and "-> FAIL" in captured.out
-    assert "ref[..., 1].div_(wk).mul_(2).sub_(1)" in captured.out  # the line to rewrite
-    assert captured.err.strip().splitlines() == [f"error: block check (model.18.1) failed (see {out / 'report.md'})"]
+    assert "block check model.15.1 (DeformableAttentionHeldView)" in captured.out
+    assert "xs.mul_(2).sub_(1)" in captured.out  # the line to rewrite
+    assert captured.err.strip().splitlines() == [
+        f"error: block check (model.15.1, model.18.1) failed (see {out / 'report.md'})"]
     report = json.loads((out / "report.json").read_text())
-    assert report["block_check"]["failed"] == ["model.18.1"] and report["exit_code"] == 4
+    check = report["block_check"]
+    assert check["failed"] == ["model.15.1", "model.18.1"] and report["exit_code"] == 4
+    assert check["errors"]["model.15.1"] > 1e-4  # wrong at the export size already
+    assert check["errors"]["model.18.1"] < 1e-4 < check["errors_second"]["model.18.1"]  # right at 128 only
+    frozen = [f for f in report["lint"] if f["rule"] == "frozen-shape"]  # the lint names the frozen line per block
+    assert {f["block"] for f in frozen} == {"model.18.1"}
+    assert any("scale = torch.tensor([1.0 / hk, 1.0 / wk]" in f["message"] for f in frozen)
 
 
 # ---- the graph passes, on small graphs ------------------------------------------------------------------------
@@ -154,6 +164,19 @@ def test_fp32_keep_runs_the_block_in_fp32_inside_the_fp16_file(fork, tmp_path):
         out / "report.md").read_text()
 
 
+@pytest.mark.slow
+def test_a_block_that_fails_fp16_is_found_and_kept_fp32(fork, tmp_path, capsys):
+    """ScaledGate's sum of squares overflows fp16 in ONNX Runtime (non-finite outputs): the run localises it,
+    keeps it fp32, exports and checks again, and passes."""
+    root, _ = fork
+    ckpt = paper_blocks.save_checkpoint(root, tmp_path / "gate.pt", {18: ("ScaledGate", 128)})
+    code, report = _run((root, ckpt), tmp_path / "out", "--half")
+    assert "parity onnxruntime (fp16): max abs nan" in capsys.readouterr().out  # the first try failed
+    assert code == 0 and report["parity"]["onnxruntime"]["pass"]
+    assert report["fp32_islands"] == [{"block": "model.18.1", "reason": "fp16 parity failed and the block was the "
+                                                                      "first to diverge (non-finite output)"}]
+
+
 def test_a_failing_fp16_block_is_kept_fp32_once():
     from types import SimpleNamespace
 
@@ -163,7 +186,7 @@ def test_a_failing_fp16_block_is_kept_fp32_once():
     failed = SimpleNamespace(localization={"backend": "onnxruntime", "first_divergent_block": "model.18.1",
                                            "block_errors": {"model.18.1": 0.3}})
     island = fp16_island_needed(failed, plan, [])
-    assert island["block"] == "model.18.1" and "0.3 of its output scale" in island["reason"]
+    assert island["block"] == "model.18.1" and "(0.3 of its output scale)" in island["reason"]
     assert fp16_island_needed(failed, plan, ["model.18.1"]) is None  # kept already: no loop
     assert fp16_island_needed(SimpleNamespace(localization=None), plan, []) is None
     fp32 = Plan(("fp32",), "fp32")

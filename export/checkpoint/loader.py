@@ -79,6 +79,7 @@ class LoadedCheckpoint:
     saved_half: bool
     remapped: dict = field(default_factory=dict)  # fork class path -> our class path
     user_code: dict = field(default_factory=dict)  # --code: pickled class path -> the fork file it was imported from
+    code_rewrites: dict = field(default_factory=dict)  # --code: fork file -> [(line, statement)] rewritten at import
     kind: str = "ultralytics"  # or "yolov5": a YOLOv5-repository checkpoint (kinds.py)
 
 
@@ -112,7 +113,8 @@ def load(path, code=()):
                               f"truncated or damaged, or not a YOLO checkpoint") from None
     return LoadedCheckpoint(model=model, path=path, names=names, nc=len(names), stride=stride,
                             task=_task(model), imgsz=imgsz, source=source, saved_half=saved_half,
-                            remapped=log.remapped, kind=log.kind, user_code=imported.sources())
+                            remapped=log.remapped, kind=log.kind, user_code=imported.sources(),
+                            code_rewrites=imported.rewritten)
 
 
 def _one_line(e):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from torch import nn
 
+from export.checkpoint import inplace_chains
 from export.text import shown
 
 PRIVATE_ROOT = "_yolo_attn_user_code"
@@ -37,6 +38,7 @@ class CodeError(Exception):
 class ImportedCode:
     classes: dict = field(default_factory=dict)  # pickled "module.Name" -> class
     files: dict = field(default_factory=dict)  # pickled "module" -> file executed for it (str)
+    rewritten: dict = field(default_factory=dict)  # file -> [(line, statement)]: in-place chains (inplace_chains)
 
     def sources(self):
         """{pickled "module.Name": the file its class came from}."""
@@ -53,7 +55,7 @@ def resolve(qualnames, code_dirs):
         if not _defines_class(path, name):
             raise CodeError(f"{path} defines no class {shown(name, 80)} at its top level (the checkpoint's "
                             f"{shown(qual)}); nothing was run")
-        namespace = _load(module, path, roots[index], index)
+        namespace = _load(module, path, roots[index], index, imported.rewritten)
         cls = namespace.__dict__.get(name)
         if not (isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == namespace.__name__):
             raise CodeError(f"{path} defines no nn.Module class {name} (the checkpoint's {qual})")
@@ -105,9 +107,14 @@ def _defines_class(path, name):
     return False
 
 
-def _load(module, path, root, index):
+_REWRITTEN = {}  # private module name -> [(line, statement)] its file's import rewrote (kept for later loads)
+
+
+def _load(module, path, root, index, rewritten):
     private = f"{PRIVATE_ROOT}.d{index}.{module}"
     if private in sys.modules:
+        if _REWRITTEN.get(private):
+            rewritten[str(path)] = _REWRITTEN[private]
         return sys.modules[private]
     _stand_in_packages(root, module.split(".")[:-1], index)
     spec = importlib.util.spec_from_file_location(private, path)
@@ -115,7 +122,11 @@ def _load(module, path, root, index):
     sys.modules[private] = namespace
     writing, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in the user's folder
     try:
-        spec.loader.exec_module(namespace)
+        tree = ast.parse(path.read_bytes(), str(path))
+        done = _REWRITTEN[private] = inplace_chains.rewrite(tree)  # same values; the form the exporter gets right
+        if done:
+            rewritten[str(path)] = done
+        exec(compile(tree, str(path), "exec"), namespace.__dict__)
     except BaseException as e:  # the user's own code failing to import: one line, their file named
         del sys.modules[private]
         detail = str(e).splitlines()[0][:200] if str(e) else ""

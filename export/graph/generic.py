@@ -400,6 +400,20 @@ def block_source_files(model, block_names):
     return files
 
 
+def block_class_lines(model, block_names):
+    """{block: [(source file, first line, last line)] of its class and the classes it inherits from}."""
+    modules, lines = dict(model.named_modules()), {}
+    for name in block_names:
+        for cls in type(modules[name]).__mro__[:-1]:  # not object
+            try:
+                path, (source, first) = inspect.getsourcefile(cls), inspect.getsourcelines(cls)
+            except (OSError, TypeError):  # builtins, classes without a source file
+                continue
+            if path:
+                lines.setdefault(name, []).append((os.path.realpath(path), first, first + len(source) - 1))
+    return lines
+
+
 def shape_code_warnings(caught, block_files):
     """Records for the TracerWarnings among `caught` (warnings.WarningMessage) raised from a line of one of
     `block_files`: code turning a traced tensor into a Python number, which the export freezes at the traced value."""
@@ -418,10 +432,11 @@ def shape_code_warnings(caught, block_files):
     return found
 
 
-def per_block(block_files, used, caught, graph_passes):
+def per_block(block_files, used, caught, graph_passes, class_lines=None):
     """{block: [records]}: what `exportable_calls` used, the shape-code warnings among `caught`, and the nodes each
     ONNX graph pass changed (`graph_passes`: {pass: node names}, see GRAPH_PASSES), charged to the block whose
-    module path encloses the node."""
+    module path encloses the node. A shape-code line goes to the blocks whose classes (`class_lines`, from
+    block_class_lines) hold it, or to every block of its file when it is in none (a module-level helper)."""
     blocks = {name: [] for names in block_files.values() for name in names}
 
     def add(block, record):
@@ -431,7 +446,10 @@ def per_block(block_files, used, caught, graph_passes):
     for r in used:
         add(r["block"], {"rewrite": r["rewrite"], "detail": r["detail"]})
     for r in shape_code_warnings(caught, block_files):
-        for block in block_files[r["block_file"]]:
+        of_file = block_files[r["block_file"]]
+        owners = [b for b in of_file if any(path == r["block_file"] and first <= r["line"] <= last
+                                             for path, first, last in (class_lines or {}).get(b, ()))]
+        for block in owners or of_file:
             add(block, {"rewrite": r["rewrite"], "detail": r["detail"]})
     for graph_pass, nodes in graph_passes.items():
         rewrite, detail = GRAPH_PASSES[graph_pass]

@@ -104,10 +104,18 @@ def _block_check_lines(check):
     """Each --code block's own ONNX output against PyTorch (the model's output can hide a wrong block)."""
     if not check:
         return []
-    return ["", f"Block check (each --code block's ONNX output, {check['precision']}, against PyTorch; limit "
-                f"{check['limit']:.0e} of the block's output scale):", ""] + [
-        f"- `{block}`: {error:.2g} -> {'**FAIL**' if block in check['failed'] else 'pass'}"
-        for block, error in check["errors"].items()]
+    second = check.get("errors_second", {})
+    at = f"; at {'x'.join(map(str, check['second_imgsz']))}: " if second else ""
+
+    def line(block, error):
+        if error is None:
+            return f"- `{block}`: not checked on its own (its input or output is not one tensor)"
+        return (f"- `{block}`: {error:.2g}" + (f"{at}{second[block]:.2g}" if second else "")
+                + f" -> {'**FAIL**' if block in check['failed'] else 'pass'}")
+
+    return ["", f"Block check (each --code block exported on its own, {check['precision']}, fed PyTorch's input to "
+                f"it; limit {check['limit']:.0e} of the block's output scale):", ""] + [
+        line(block, error) for block, error in check["errors"].items()]
 
 
 def _island_lines(islands):
