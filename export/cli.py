@@ -19,6 +19,7 @@ import onnxruntime as ort
 import models
 from calib.quantize import METHODS
 from calib.source import DEFAULT_N
+from export.checkpoint.kinds import LAYOUTS
 from export.engine.build import PRECISIONS
 from export.errors import EXIT_INTERRUPTED, EXIT_STAGE_FAILED, BadInput, StageFailed
 from export.inputs.images import MAX_IMAGES
@@ -161,6 +162,11 @@ def parser():
                    help="largest int8 mAP50-95 drop against fp32 (points) before blocks are kept float")
     p.add_argument("--int8-exclude", action="append", default=[], metavar="NAME",
                    help="module path kept float in the int8 model, e.g. model.10 (repeatable)")
+    p.add_argument("--layout", choices=LAYOUTS, default="native",
+                   help="ONNX output layout: native (the checkpoint's own; for YOLOv5 checkpoints YOLOv5's (B, "
+                        "anchors, 5+nc), read by YOLOv5's DetectMultiBackend) or ultralytics ((B, 4+nc, anchors), "
+                        "a YOLOv5 model's objectness folded into its class scores, read by ultralytics' YOLO() and "
+                        "`yolo predict`); the same for ultralytics checkpoints")
     p.add_argument("--fp32-keep", action="append", default=[], metavar="NAME",
                    help="module path kept fp32 inside the fp16 model (an fp32 island), e.g. model.18.1 (repeatable); "
                         "when fp16 parity fails in one block, the run finds and keeps it by itself")

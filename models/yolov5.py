@@ -35,6 +35,7 @@ class Detect(nn.Module):
     stride = None
     dynamic = False  # rebuild the grids on every call
     export = False  # return only the decoded predictions
+    ultralytics_layout = False  # exported: (B, 4+nc, anchors) with objectness folded in (export_head_ultralytics)
 
     def forward(self, x):
         z = []
@@ -51,6 +52,8 @@ class Detect(nn.Module):
                 z.append(self._decode(p, self.grid[i], self.anchor_grid[i], self.stride[i].to(p.dtype)))
         if self.training:
             return x
+        if self.export and self.ultralytics_layout:
+            return (ultralytics_layout(torch.cat(z, 1)),)
         return (torch.cat(z, 1),) if self.export else (torch.cat(z, 1), x)
 
     def _decode(self, p, grid, anchor_grid, stride):
@@ -128,6 +131,22 @@ def export_head(head, dynamic):
     """Export mode: only the decoded predictions, with the grids built in the graph from the feature maps'
     H and W on every call (never a grid frozen at the traced size), as YOLOv5's own export does."""
     head.export, head.dynamic = True, True
+
+
+ULTRALYTICS_OUTPUT_LAYOUT = ("output0 float32 (B, 4+nc, anchors): xywh pixels, class scores = objectness x class "
+                             "probability (ultralytics' layout)")
+
+
+def export_head_ultralytics(head, dynamic):
+    """Export mode writing ultralytics' layout, which its YOLO() and `yolo predict` read."""
+    export_head(head, dynamic)
+    head.ultralytics_layout = True
+
+
+def ultralytics_layout(pred):
+    """(B, anchors, 5+nc) tensor -> (B, 4+nc, anchors): to_v8_layout in the graph."""
+    boxes, objectness, classes = pred[..., :4], pred[..., 4:5], pred[..., 5:]
+    return torch.cat((boxes, objectness * classes), -1).transpose(1, 2)
 
 
 def to_v8_layout(pred):

@@ -208,3 +208,50 @@ def test_hostile_yolov5_pickle_is_refused(tmp_path):
     path = write_zip(tmp_path / "evil.pt", top, records)
     with pytest.raises(CheckpointError, match="asks to call models.yolov5.DetectionModel with arguments"):
         export.load(path)
+
+
+@pytest.mark.slow
+def test_ultralytics_layout_runs_in_ultralytics_yolo_with_our_detections(tmp_path):
+    """--layout ultralytics: (B, 4+nc, anchors), objectness folded into the class scores; ultralytics' YOLO()
+    predicts with it and finds the boxes the checkpoint's own model gives (our loader, YOLOv5's score rule)."""
+    from PIL import Image
+    from ultralytics import YOLO
+
+    from export.checkpoint import kinds, load
+    from export.inputs.images import read_images
+    from export.verify.parity import CONF, IOU_NMS, detections
+    from export.verify.runners import TorchRunner
+
+    out = tmp_path / "out"
+    assert main(["--weights", str(DEMO), "--layout", "ultralytics", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["parity"]["onnxruntime"]["pass"] and report["parity"]["torch"]["pass"]
+    proto = onnx.load(str(out / "yolov5s-s2.onnx"))
+    assert [d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim] == [1, 4 + 3, 3 * (32 ** 2 + 16 ** 2 + 8 ** 2)]
+    assert eval({p.key: p.value for p in proto.metadata_props}["args"])["layout"] == "ultralytics"
+    assert main(["parity", "--weights", str(DEMO), "--onnx", str(out / "yolov5s-s2.onnx")]) == 0  # reads the layout
+
+    images = tmp_path / "images"  # one sample at the export size: letterboxing is the identity on both sides
+    images.mkdir()
+    sample = sorted((REPO / "models" / "demo" / "images").iterdir())[0]
+    Image.open(sample).convert("RGB").resize((256, 256)).save(images / "sample.png")
+    loaded = load(DEMO)
+    expected = detections(TorchRunner(loaded.model, to_layout=kinds.YOLOV5.to_v8_layout)(
+        np.asarray(read_images(images, (256, 256)))))[0][0]
+    result = YOLO(str(out / "yolov5s-s2.onnx"), task="detect").predict(str(images / "sample.png"), imgsz=256,
+                                                                       conf=CONF, iou=IOU_NMS, verbose=False)[0]
+    got = np.concatenate([result.boxes.xyxy.numpy(), result.boxes.conf.numpy()[:, None],
+                          result.boxes.cls.numpy()[:, None]], 1)
+    assert len(expected) > 0 and got.shape == expected.shape
+    order = np.lexsort((expected[:, 0], -expected[:, 4])), np.lexsort((got[:, 0], -got[:, 4]))
+    assert np.abs(got[order[1]] - expected[order[0]]).max() < 0.05  # boxes (px), scores and classes
+
+
+def test_the_ultralytics_layout_is_native_for_ultralytics_checkpoints():
+    from types import SimpleNamespace
+
+    from export.checkpoint import kinds
+
+    assert kinds.of(SimpleNamespace(kind="ultralytics"), "ultralytics") is kinds.ULTRALYTICS
+    assert kinds.of(SimpleNamespace(kind="yolov5"), "native") is kinds.YOLOV5
+    assert kinds.of(SimpleNamespace(kind="yolov5"), "ultralytics").layout == "ultralytics"

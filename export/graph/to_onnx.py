@@ -112,13 +112,14 @@ class _Deployable(torch.nn.Module):
 
 
 def export_yolo(twin, loaded, path, imgsz, batch=1, dynamic=False, half=False, opset=17, simplify=True,
-                verbose=False, log=None, fp32_blocks=()):
+                verbose=False, log=None, fp32_blocks=(), layout="native"):
     """Export the rewritten model `twin` of checkpoint `loaded` to `path`; returns the ModelProto.
     `verbose`: onnxslim logs its passes (it logs errors only otherwise). `log`: a dict that receives the tracer's
     warnings ("tracer_warnings") and the names of the nodes each graph pass changed ("float64", "grid_sample",
-    "slice_writes"). `fp32_blocks`: module paths kept fp32 in a half export (Cast in, Cast out)."""
+    "slice_writes"). `fp32_blocks`: module paths kept fp32 in a half export (Cast in, Cast out). `layout`: the output layout
+    (export.checkpoint.kinds.LAYOUTS)."""
     log = {} if log is None else log
-    kind = kinds.of(loaded)
+    kind = kinds.of(loaded, layout)
     model = copy.deepcopy(twin).eval()
     model = model.half() if half else model.float()
     for name in fp32_blocks if half else ():
@@ -137,11 +138,11 @@ def export_yolo(twin, loaded, path, imgsz, batch=1, dynamic=False, half=False, o
 
         proto = onnxslim.slim(proto, verbose=verbose)
     log["slice_writes"] = literal_slice_writes(proto)  # exact; needs the folded indices slim leaves at static sizes
-    _set_metadata(proto, loaded, imgsz, batch, dynamic, half)
+    _set_metadata(proto, loaded, imgsz, batch, dynamic, half, kind.layout)
     return save(proto, path)
 
 
-def _set_metadata(proto, loaded, imgsz, batch, dynamic, half):
+def _set_metadata(proto, loaded, imgsz, batch, dynamic, half, layout):
     meta = {
         "description": f"attention-YOLO export of {loaded.path.name} (yolo-attn-export)",
         "author": "yolo-attn-export",
@@ -153,7 +154,8 @@ def _set_metadata(proto, loaded, imgsz, batch, dynamic, half):
         "imgsz": list(imgsz),
         "names": loaded.names,
         "channels": 3,
-        "args": {"batch": batch, "half": half, "dynamic": dynamic, "imgsz": list(imgsz), "nms": False},
+        "args": {"batch": batch, "half": half, "dynamic": dynamic, "imgsz": list(imgsz), "nms": False,
+                 "layout": layout},
     }
     del proto.metadata_props[:]
     for k, v in meta.items():

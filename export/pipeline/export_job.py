@@ -167,7 +167,7 @@ def read_inputs(args, plan):
     imgsz = parse_imgsz(args.imgsz if args.imgsz is not None else loaded.imgsz or 640, max(loaded.stride))
     images = read_images(args.images, imgsz)
     data = _labelled_data(args, plan)
-    kind = kinds.of(loaded)
+    kind = kinds.of(loaded, args.layout)
     accuracy = LabelledMAP(data, imgsz, args.batch, kind.to_v8_layout, loaded.names) if data else None
     calibration = calibration_files(args.calib, data, args.calib_n) if "int8" in plan.files else None
     say(f"loaded {args.weights}: {kind.label} ({loaded.source}, {'fp16' if loaded.saved_half else 'fp32'} weights, "
@@ -266,7 +266,7 @@ def export_onnx(args, plan, inputs, rewritten, precisions=None):
             _stage("ONNX export", lambda: export_yolo(
                 rewritten.twin, inputs.loaded, path, inputs.imgsz, batch=args.batch, dynamic=args.dynamic,
                 half=precision == "fp16", opset=args.opset, simplify=not args.no_simplify, verbose=args.verbose,
-                log=log, fp32_blocks=args.fp32_keep))
+                log=log, fp32_blocks=args.fp32_keep, layout=args.layout))
         say(f"wrote {path}")
         files[precision] = path
         for block, records in generic.per_block(sources, used, log["tracer_warnings"],
@@ -394,7 +394,8 @@ def _runners(inputs, twin, plan, files, engine, parity, runtime):
     An engine that cannot run here is recorded in `parity` as skipped, with the reason; what runs them, in
     `runtime`."""
     reference = models.reference_at(inputs.loaded.model, *inputs.imgsz)
-    runners = {"reference": TorchRunner(reference), "torch": TorchRunner(twin)}
+    layout = inputs.kind.reference_to_export  # PyTorch's output in the file's layout (--layout)
+    runners = {"reference": TorchRunner(reference, to_layout=layout), "torch": TorchRunner(twin, to_layout=layout)}
     runners.update({plan.backend_key(p): _stage(f"ONNX Runtime session for {path.name}", functools.partial(
         OrtRunner, path)) for p, path in files.items()})
     providers = next(r.providers for b, r in runners.items() if b.startswith("onnxruntime"))
@@ -457,7 +458,7 @@ def _second_size_parity(verified, runners, precisions, inputs, args, own):
     (the reference runner, the images) at that size."""
     size = second_size(inputs.imgsz, int(max(inputs.loaded.stride)))
     images = tile(read_images(args.images, size), args.batch)
-    reference = TorchRunner(models.reference_at(inputs.loaded.model, *size))
+    reference = TorchRunner(models.reference_at(inputs.loaded.model, *size), to_layout=inputs.kind.reference_to_export)
     for backend in [b for b in runners if b.startswith("onnxruntime")]:
         wanted = precisions[backend]
         r = _stage(f"parity at {size[0]}x{size[1]}", lambda: compare(

@@ -44,13 +44,14 @@ def check(args):
             runners["tensorrt"] = TrtRunner(args.engine, trt)
         else:
             results["tensorrt"] = {"skipped": reason}
-    reference = TorchRunner(models.reference_at(loaded.model, *imgsz))
+    kind = kinds.of(loaded, ast.literal_eval(meta.get("args", "{}")).get("layout", "native"))
+    reference = TorchRunner(models.reference_at(loaded.model, *imgsz), to_layout=kind.reference_to_export)
     own = None
     if precision == "fp16":  # fp16 is held to what fp16 itself costs this model, as in the main job
         twin, _ = rewrite(loaded.model, imgsz, images=torch.from_numpy(images[:1]))
         own = own_fp16_error(reference, twin, images, batch)
     for backend, runner in runners.items():
-        results[backend] = compare(reference, runner, images, precision, batch, kinds.of(loaded).to_v8_layout,
+        results[backend] = compare(reference, runner, images, precision, batch, kind.to_v8_layout,
                                    thresholds_for(precision, own))
         if own is not None:
             results[backend]["fp16_own_rel_max_abs"] = own

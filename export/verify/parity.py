@@ -260,7 +260,8 @@ def own_fp16_error(reference, twin, images, batch=1):
     """rel max abs of the twin run in fp16 by PyTorch against the reference: what fp16 itself costs this model on
     these images; None when some op of the model has no fp16 CPU kernel in PyTorch."""
     try:
-        half = _run_all(TorchRunner(twin, half=True), images, batch)
+        same_layout = getattr(reference, "to_layout", None)  # the reference's output mapped as the file's
+        half = _run_all(TorchRunner(twin, half=True, to_layout=same_layout), images, batch)
     except RuntimeError:
         return None
     return raw_metrics(_run_all(reference, images, batch), half)["rel_max_abs"]

@@ -13,18 +13,21 @@ import torch
 
 class TorchRunner:
     """A PyTorch model on the CPU; `half`: a copy of it run in fp16 (fp16 weights and inputs), what fp16 itself
-    costs the model."""
+    costs the model; `to_layout`: a numpy fn mapping its output to the exported file's layout (Kind.reference_to_export),
+    so every runner of a job gives one layout."""
 
     name = "torch"
 
-    def __init__(self, model, half=False):
+    def __init__(self, model, half=False, to_layout=None):
         self.model, self.half = (copy.deepcopy(model).half() if half else model).eval(), half
+        self.to_layout = to_layout
 
     def __call__(self, images):
         x = torch.from_numpy(images)
         with torch.no_grad():
             y = self.model(x.half() if self.half else x)
-        return (y[0] if isinstance(y, (list, tuple)) else y).float().numpy()
+        y = (y[0] if isinstance(y, (list, tuple)) else y).float().numpy()
+        return self.to_layout(y) if self.to_layout else y
 
 
 class OrtRunner:
