@@ -20,6 +20,7 @@ import models
 from calib.quantize import METHODS
 from calib.source import DEFAULT_N
 from export.checkpoint.kinds import LAYOUTS
+from export.graph.nms import LAYOUTS as NMS_LAYOUTS
 from export.engine.build import PRECISIONS
 from export.errors import EXIT_INTERRUPTED, EXIT_STAGE_FAILED, BadInput, StageFailed
 from export.inputs.images import MAX_IMAGES
@@ -80,8 +81,20 @@ def check(args):
         raise BadInput("--calib and --int8-exclude configure the int8 model: add --int8 (or --engine int8)")
     if args.fp32_keep and not (args.half or args.engine in ("fp16", "int8") or args.int8):
         raise BadInput("--fp32-keep configures the fp16 model: add --half (or --engine fp16)")
+    check_nms(args)
     check_out(args.out)
     check_code(args.code)
+
+
+def check_nms(args):
+    given = [f for f, v in (("--conf", args.conf), ("--iou", args.iou), ("--max-det", args.max_det)) if v is not None]
+    if not args.nms and (given or args.agnostic_nms):
+        raise BadInput(f"{', '.join(given) or '--agnostic-nms'} configure(s) the end-to-end file: add --nms")
+    if not (0 <= (args.conf if args.conf is not None else 0.25) <= 1 and 0 <= (args.iou if args.iou is not None
+                                                                              else 0.7) <= 1):
+        raise BadInput("--conf and --iou must lie in 0..1")
+    if args.max_det is not None and not 1 <= args.max_det <= 10_000:
+        raise BadInput("--max-det must lie in 1..10000")
 
 
 def check_out(out):
@@ -162,6 +175,14 @@ def parser():
                    help="largest int8 mAP50-95 drop against fp32 (points) before blocks are kept float")
     p.add_argument("--int8-exclude", action="append", default=[], metavar="NAME",
                    help="module path kept float in the int8 model, e.g. model.10 (repeatable)")
+    p.add_argument("--nms", nargs="?", const="ultralytics", choices=NMS_LAYOUTS, default=None,
+                   help="also write end-to-end files with NMS in the graph: `--nms` / `--nms ultralytics` (standard "
+                        "ONNX ops, output (B, max_det, 6), run by ultralytics' YOLO()) or `--nms trt` (TensorRT's "
+                        "EfficientNMS_TRT plugin: num_dets, det_boxes, det_scores, det_classes)")
+    p.add_argument("--conf", type=float, default=None, help="--nms: confidence threshold (default 0.25)")
+    p.add_argument("--iou", type=float, default=None, help="--nms: NMS IoU threshold (default 0.7)")
+    p.add_argument("--max-det", type=int, default=None, help="--nms: detections kept per image (default 300)")
+    p.add_argument("--agnostic-nms", action="store_true", help="--nms: class-agnostic NMS")
     p.add_argument("--layout", choices=LAYOUTS, default="native",
                    help="ONNX output layout: native (the checkpoint's own; for YOLOv5 checkpoints YOLOv5's (B, "
                         "anchors, 5+nc), read by YOLOv5's DetectMultiBackend) or ultralytics ((B, 4+nc, anchors), "

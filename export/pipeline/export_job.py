@@ -6,6 +6,7 @@ so no stage writes into another's output. Family specifics reach this job only t
 (`models`), checkpoint-kind specifics only through `Kind`.
 """
 
+import ast
 import functools
 import math
 import re
@@ -19,6 +20,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from tqdm import tqdm
+from ultralytics.utils.nms import non_max_suppression
 
 import models
 import plugins
@@ -30,19 +32,22 @@ from calib.source import calibration_files
 from export.checkpoint import kinds, load
 from export.checkpoint.user_code import pickled_name
 from export.engine.build import BuildFailed, BuildUnavailable, build_engine
+from export.engine.build import backend as engine_backend
 from export.errors import EXIT_OK, EXIT_VERDICT_FAILED, BadInput, StageFailed
 from export.graph import generic
 from export.graph.lint import lint
 from export.graph.lint import summary as lint_summary
 from export.graph.onnx_passes import node_scope
 from export.graph.rewrite import outermost_user_blocks, rewrite
-from export.graph.to_onnx import export_yolo
+from export.graph.nms import NMSParams, params_record, with_nms
+from export.graph.to_onnx import export_yolo, save
 from export.inputs.images import parse_imgsz, read_images, tile
 from export.report.export_report import write_report
 from export.text import shown
 from export.verify.accuracy import LabelledMAP
 from export.verify.block_check import block_errors
 from export.verify.localize import localize
+from export.verify.nms_check import check_end_to_end
 from export.verify.parity import MAX_PICTURED, THRESHOLDS, compare, own_fp16_error, thresholds_for
 from export.verify.profile import module_costs, where_time_goes
 from export.verify.runners import ORT_TWICE, OrtRunner, TorchRunner, TrtRunner, engine_runtime, ort_installed_twice
@@ -91,6 +96,7 @@ class Rewritten:
 class Exported:
     files: dict  # precision -> ONNX path ("int8" added by the int8 stage)
     plugins: dict = None  # --plugins: custom-op nodes and their functions
+    nms: dict = field(default_factory=dict)  # --nms: precision -> end-to-end ONNX path
 
 
 @dataclass
@@ -109,6 +115,7 @@ class Verified:
     speed: dict = None
     bench: dict = None
     blocks: dict = None
+    nms: dict = None  # --nms: each end-to-end file's check against the NMS of its plain file
     runtime: dict = field(default_factory=dict)  # ONNX Runtime version and providers, the TensorRT flavour built with
 
 
@@ -121,6 +128,8 @@ def run(args):
     inputs.out.mkdir(parents=True, exist_ok=True)
     exported = export_onnx(args, plan, inputs, rewritten)
     int8 = quantize(args, inputs, rewritten, exported) if inputs.calibration else None
+    if args.nms:
+        end_to_end(args, inputs, exported)
     findings = lint_files(exported.files, args.dynamic, rewritten.user_blocks)
     engine = build(args, inputs, exported) if args.engine else None
     verified = verify(args, plan, inputs, rewritten, exported, engine)
@@ -130,6 +139,8 @@ def run(args):
         args.fp32_keep.append(island["block"])
         say(f"fp16: keeping {island['block']} in fp32 ({island['reason']}); exporting and checking again")
         exported.files.update(export_onnx(args, plan, inputs, rewritten, precisions=("fp16",)).files)
+        if args.nms:
+            end_to_end(args, inputs, exported, ("fp16",))
         findings = lint_files(exported.files, args.dynamic, rewritten.user_blocks)
         engine = build(args, inputs, exported) if args.engine == "fp16" else engine
         verified = verify(args, plan, inputs, rewritten, exported, engine)
@@ -318,6 +329,38 @@ def quantize(args, inputs, rewritten, exported):
     return section
 
 
+def nms_params(args):
+    """--conf, --iou, --max-det, --agnostic-nms; ultralytics' defaults for those not given."""
+    given = {"conf": args.conf, "iou": args.iou, "max_det": args.max_det}
+    return NMSParams(**{k: v for k, v in given.items() if v is not None}, agnostic=args.agnostic_nms)
+
+
+def end_to_end(args, inputs, exported, precisions=None):
+    """The --nms file of each ONNX file (`precisions`: only these): its NMS tail merged onto output0."""
+    params, layout = nms_params(args), args.nms
+    for precision in precisions or list(exported.files):
+        plain = exported.files[precision]
+        path = plain.with_name(f"{plain.stem}_{'nms' if layout == 'ultralytics' else 'trt-nms'}.onnx")
+        proto = _stage("end-to-end export", lambda: with_nms(
+            onnx.load(str(plain)), layout, params, inputs.loaded.nc, yolov5_rows=inputs.kind.anchors_axis == 1,
+            opset=args.opset))
+        _mark_end_to_end(proto, layout, params)
+        save(proto, path)
+        exported.nms[precision] = path
+        say(f"wrote {path} (NMS in the graph, {layout} layout: conf {params.conf}, iou {params.iou}, max_det "
+            f"{params.max_det}{', class-agnostic' if params.agnostic else ''})")
+
+
+def _mark_end_to_end(proto, layout, params):
+    """Metadata: ultralytics' YOLO() reads args.nms (the output is final detections, no NMS of its own)."""
+    meta = {p.key: p for p in proto.metadata_props}
+    args = ast.literal_eval(meta["args"].value)
+    args.update(nms=True, conf=params.conf, iou=params.iou, max_det=params.max_det, agnostic_nms=params.agnostic)
+    meta["args"].value = str(args)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "nms_layout", layout
+
+
 def lint_files(files, dynamic, user_blocks=None):
     """Lint findings of every file, each tagged with its file's precision and the block its node belongs to. In a
     dynamic export, the --code blocks' shape code (values the trace froze at the export size) is a finding too."""
@@ -342,6 +385,8 @@ def frozen_shape_findings(user_blocks):
 # ---- engine ----------------------------------------------------------------------------------------------------
 def build(args, inputs, exported):
     precision, files = args.engine, exported.files
+    if args.nms:
+        say(_nms_engine_note(args.nms, exported.nms[precision].name))
     onnx_path = files[precision]
     engine_path = inputs.out / f"{onnx_path.stem}.engine"
     islands = fp32_islands(onnx.load(str(files["fp16"]))) if precision == "int8" else ()
@@ -354,6 +399,18 @@ def build(args, inputs, exported):
     if info.get("int8"):
         say(f"  note: {info['int8']}")
     return Engine(engine_path, info)
+
+
+def _nms_engine_note(layout, name):
+    """One line before building: the engine is the plain graph's; what builds the end-to-end file."""
+    needs = "a NonMaxSuppression layer" if layout == "ultralytics" else "the EfficientNMS_TRT plugin"
+    try:
+        flavour = engine_backend()[1]
+    except BuildUnavailable:
+        flavour = None
+    why = "TensorRT-RTX has no runner for it" if flavour == "tensorrt_rtx" else "it is not built by this run"
+    return (f"engine: built from the plain graph; {name} needs {needs} ({why}): build it with full TensorRT on the "
+            f"device, e.g. trtexec --onnx={name}")
 
 
 def _engine_metadata(args, inputs, precision):
@@ -372,6 +429,8 @@ def verify(args, plan, inputs, rewritten, exported, engine):
     batch_images = tile(inputs.images, args.batch)
     if not args.no_parity:
         _parity(verified, runners, batch_images, precisions, args.batch, inputs, rewritten, args)
+        if exported.nms:
+            verified.nms = _check_end_to_end(args, inputs, exported, batch_images)
     if inputs.accuracy:
         scored = {b: r for b, r in runners.items() if b != "torch"}  # the twin in PyTorch: parity covers it
         verified.accuracy = inputs.accuracy.table(scored, precisions)
@@ -379,8 +438,44 @@ def verify(args, plan, inputs, rewritten, exported, engine):
             say(f"mAP {row['backend']} {row['precision']}: mAP50 {row['map50']:.4f}, mAP50-95 "
                 f"{row['map50_95']:.4f} ({row['images']} images, {row['instances']} labels)")
     if args.bench:
-        _bench(verified, args, runners, batch_images[:args.batch], exported.files[plan.primary], inputs.imgsz)
+        _bench(verified, args, runners, batch_images[:args.batch], exported.files[plan.primary], inputs.imgsz,
+               _nms_timed(args, inputs, exported, plan))
     return verified
+
+
+def _check_end_to_end(args, inputs, exported, images):
+    """Each --nms file against ultralytics' NMS on its plain file's output (export/verify/nms_check.py)."""
+    params = nms_params(args)
+    checks = {}
+    for precision, path in exported.nms.items():
+        r = checks[precision] = _stage(f"end-to-end check of {path.name}", functools.partial(
+            check_end_to_end, exported.files[precision], path, args.nms, params, images, args.batch, precision,
+            inputs.kind.to_v8_layout))
+        say(f"end-to-end {path.name}: {r['detections']} detections on {r['images']} images, max diff "
+            f"{r['max_box_diff']:.2g} px / score {r['max_score_diff']:.2g} from the plain file's NMS"
+            + (f" ({r['borderline']} at the threshold not counted)" if r["borderline"] else "")
+            + f" -> {'pass' if r['pass'] else 'FAIL'}" + "".join(f"\n  {p}" for p in r["problems"][:5]))
+    return {"layout": args.nms, "params": params_record(params), "files": checks,
+            "pass": all(r["pass"] for r in checks.values())}
+
+
+def _nms_timed(args, inputs, exported, plan):
+    """--bench with --nms: the end-to-end file beside the plain file + ultralytics' NMS in Python (what NMS in the
+    graph saves here). Only the ultralytics layout runs in ONNX Runtime."""
+    if args.nms != "ultralytics" or plan.primary not in exported.nms:
+        return {}
+    params, plain = nms_params(args), exported.files[plan.primary]
+    e2e = exported.nms[plan.primary]
+
+    def plain_then_nms(runner):
+        def run(images):
+            pred = torch.from_numpy(inputs.kind.to_v8_layout(runner(images)))
+            return non_max_suppression(pred, params.conf, params.iou, agnostic=params.agnostic,
+                                       max_det=params.max_det)
+        return run
+
+    return {"onnxruntime + python nms": Fresh(lambda: plain_then_nms(OrtRunner(plain))),
+            "onnxruntime end-to-end": Fresh(functools.partial(OrtRunner, e2e))}
 
 
 def precision_of(plan, engine):
@@ -518,10 +613,12 @@ def _own_fp16_error(reference, twin, images, batch):
     return own
 
 
-def _bench(verified, args, runners, images, onnx_path, imgsz):
-    """Interleaved timing of every backend, then where the time goes in the primary ONNX (ORT profile vs FLOPs)."""
+def _bench(verified, args, runners, images, onnx_path, imgsz, extra=None):
+    """Interleaved timing of every backend (and `extra` {name: runner}), then where the time goes in the primary
+    ONNX (ORT profile vs FLOPs)."""
     timed = {"torch" if b == "reference" else b: Fresh(functools.partial(OrtRunner, r.path)) if isinstance(r, OrtRunner)
              else r for b, r in runners.items() if b != "torch"}  # the twin in PyTorch times like the reference
+    timed.update(extra or {})
     verified.speed = interleaved(timed, images, args.bench, args.bench_rounds)
     verified.bench = {"threads": thread_settings(torch.get_num_threads()), "rounds": args.bench_rounds,
                       "iterations_per_round": args.bench, "warmup": DEFAULT_WARMUP, "batch": len(images)}
@@ -556,7 +653,8 @@ def assemble_report(args, plan, inputs, rewritten, exported, int8, lint_findings
     optional = {"user_blocks": rewritten.user_blocks or None,
                 "user_code": loaded.user_code if rewritten.user_blocks else None, "plugins": exported.plugins,
                 "int8": int8, "engine_build": engine.build if engine else None,
-                "localization": verified.localization, "block_check": verified.block_check, "accuracy": verified.accuracy, "bench": verified.bench,
+                "localization": verified.localization, "block_check": verified.block_check, "nms": verified.nms,
+                "nms_files": {p: str(f) for p, f in exported.nms.items()} or None, "accuracy": verified.accuracy, "bench": verified.bench,
                 "blocks": verified.blocks}
     report.update({key: value for key, value in optional.items() if value is not None})
     if verified.images is not None:
@@ -573,6 +671,8 @@ def _notes(checks):
 def finish(report, out):
     """Write the report; the exit code says whether every verdict passed."""
     failed = [b for b, r in report["parity"].items() if r.get("pass") is False]
+    if report.get("nms", {}).get("pass") is False:
+        failed.append("end-to-end NMS check")
     if report.get("block_check", {}).get("pass") is False:
         failed.append("block check (" + ", ".join(report["block_check"]["failed"]) + ")")
     if report.get("int8", {}).get("pass") is False:

@@ -85,6 +85,7 @@ def markdown(report):
             loc = report["localization"]
             lines += ["", f"First diverging block ({loc['backend']}): `{loc['first_divergent_block']}`"]
         lines += _block_check_lines(report.get("block_check")) + _island_lines(report.get("fp32_islands"))
+        lines += _nms_lines(report.get("nms"))
     else:
         lines.append("Skipped (--no-parity).")
     if "parity.png" in report.get("pictures", []):
@@ -116,6 +117,20 @@ def _block_check_lines(check):
     return ["", f"Block check (each --code block exported on its own, {check['precision']}, fed PyTorch's input to "
                 f"it; limit {check['limit']:.0e} of the block's output scale):", ""] + [
         line(block, error) for block, error in check["errors"].items()]
+
+
+def _nms_lines(nms):
+    """--nms: each end-to-end file against ultralytics' NMS on its plain file's output."""
+    if not nms:
+        return []
+    p = nms["params"]
+    lines = ["", f"End-to-end files ({nms['layout']} layout; conf {p['conf']}, iou {p['iou']}, max_det {p['max_det']}"
+                 f"{', class-agnostic' if p['agnostic'] else ''}), against the NMS of their plain file:", "",
+             "| file | detections | borderline | max box diff (px) | max score diff | pass |", "|---|---|---|---|---|---|"]
+    for r in nms["files"].values():
+        lines.append(f"| {r['file'].rpartition('/')[2]} | {r['detections']} | {r['borderline']} | "
+                     f"{r['max_box_diff']:.3g} | {r['max_score_diff']:.3g} | {'yes' if r['pass'] else '**NO**'} |")
+    return lines
 
 
 def _island_lines(islands):

@@ -7,6 +7,7 @@ import copy
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
@@ -31,6 +32,8 @@ class TorchRunner:
 
 
 class OrtRunner:
+    """An ONNX file (or a ModelProto built in memory) run by ONNX Runtime, GPU providers first when present."""
+
     name = "onnxruntime"
 
     def __init__(self, path, threads=None):
@@ -39,7 +42,8 @@ class OrtRunner:
         options.intra_op_num_threads = threads or torch.get_num_threads()  # same threads as torch
         available = ort.get_available_providers()
         providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
-        self.session = ort.InferenceSession(str(path), options, providers=providers + ["CPUExecutionProvider"])
+        model = path.SerializeToString() if isinstance(path, onnx.ModelProto) else str(path)
+        self.session = ort.InferenceSession(model, options, providers=providers + ["CPUExecutionProvider"])
         self.providers = self.session.get_providers()
         self.input = self.session.get_inputs()[0].name
 
