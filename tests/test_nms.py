@@ -81,3 +81,23 @@ def test_efficient_nms_semantics():
 def test_nms_options_are_checked_before_anything_runs(argv, says, capsys, tmp_path):
     assert main(["--weights", str(tmp_path / "missing.pt"), *argv]) == 2
     assert says in capsys.readouterr().err
+
+
+def _full_tensorrt():
+    import importlib.util
+
+    import torch
+
+    return importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _full_tensorrt(), reason="needs full TensorRT on a CUDA GPU: TensorRT-RTX (all this machine "
+                                                  "has) has no NonMaxSuppression runner and no EfficientNMS_TRT plugin")
+@pytest.mark.parametrize("layout", ["ultralytics", "trt"])
+def test_end_to_end_engine_builds_with_full_tensorrt(layout, tmp_path):
+    out = tmp_path / "out"
+    assert main(["--weights", str(models.demo_checkpoint("sta")), "--nms", layout, "--engine", "fp16",
+                 "--out", str(out)]) == 0
+    suffix = "nms" if layout == "ultralytics" else "trt-nms"
+    assert (out / f"yolov8n-sta_fp16_{suffix}.engine").is_file()

@@ -77,6 +77,8 @@ def build_engine(onnx_path, engine_path, precision, imgsz, batch=1, dynamic=Fals
     plugin_note = _register_plugins(flavour) if plugins else None
     strongly_typed = flavour == "tensorrt_rtx" or _version(trt) >= STRONGLY_TYPED_SINCE
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    if flavour == "tensorrt":  # TensorRT's own plugins (EfficientNMS_TRT of --nms trt files) in the registry
+        trt.init_libnvinfer_plugins(logger, "")
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt, flavour, strongly_typed))
     parser = trt.OnnxParser(network, logger)

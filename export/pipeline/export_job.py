@@ -385,7 +385,7 @@ def frozen_shape_findings(user_blocks):
 # ---- engine ----------------------------------------------------------------------------------------------------
 def build(args, inputs, exported):
     precision, files = args.engine, exported.files
-    if args.nms:
+    if args.nms and not _full_tensorrt():
         say(_nms_engine_note(args.nms, exported.nms[precision].name))
     onnx_path = files[precision]
     engine_path = inputs.out / f"{onnx_path.stem}.engine"
@@ -396,21 +396,32 @@ def build(args, inputs, exported):
         fp32_layers=islands, verbose=args.verbose))
     say(f"wrote {engine_path} ({info['backend']} {info['tensorrt_version']}, {info['build_s']} s) "
         f"and {engine_path.name}.json")
+    if args.nms and _full_tensorrt():  # full TensorRT has the NMS layer and the plugin: the end-to-end engine too
+        e2e = exported.nms[precision]
+        e2e_engine = inputs.out / f"{e2e.stem}.engine"
+        _stage("TensorRT build (end-to-end)", lambda: build_engine(
+            e2e, e2e_engine, precision=precision, imgsz=inputs.imgsz, batch=args.batch, dynamic=args.dynamic,
+            workspace_gib=args.workspace, metadata=_engine_metadata(args, inputs, precision), plugins=args.plugins,
+            fp32_layers=islands, verbose=args.verbose))
+        say(f"wrote {e2e_engine} (end-to-end, {args.nms} layout)")
     if info.get("int8"):
         say(f"  note: {info['int8']}")
     return Engine(engine_path, info)
 
 
-def _nms_engine_note(layout, name):
-    """One line before building: the engine is the plain graph's; what builds the end-to-end file."""
-    needs = "a NonMaxSuppression layer" if layout == "ultralytics" else "the EfficientNMS_TRT plugin"
+def _full_tensorrt():
     try:
-        flavour = engine_backend()[1]
+        return engine_backend()[1] == "tensorrt"
     except BuildUnavailable:
-        flavour = None
-    why = "TensorRT-RTX has no runner for it" if flavour == "tensorrt_rtx" else "it is not built by this run"
-    return (f"engine: built from the plain graph; {name} needs {needs} ({why}): build it with full TensorRT on the "
-            f"device, e.g. trtexec --onnx={name}")
+        return False
+
+
+def _nms_engine_note(layout, name):
+    """One line before building without full TensorRT: the engine is the plain graph's; what builds the end-to-end
+    file."""
+    needs = "a NonMaxSuppression layer" if layout == "ultralytics" else "the EfficientNMS_TRT plugin"
+    return (f"engine: built from the plain graph; {name} needs {needs}, which TensorRT-RTX has no runner for: build "
+            f"it with full TensorRT on the device, e.g. trtexec --onnx={name}")
 
 
 def _engine_metadata(args, inputs, precision):
@@ -430,7 +441,7 @@ def verify(args, plan, inputs, rewritten, exported, engine):
     if not args.no_parity:
         _parity(verified, runners, batch_images, precisions, args.batch, inputs, rewritten, args)
         if exported.nms:
-            verified.nms = _check_end_to_end(args, inputs, exported, batch_images)
+            verified.nms = _check_end_to_end(args, inputs, exported, batch_images, runners["reference"])
     if inputs.accuracy:
         scored = {b: r for b, r in runners.items() if b != "torch"}  # the twin in PyTorch: parity covers it
         verified.accuracy = inputs.accuracy.table(scored, precisions)
@@ -443,17 +454,19 @@ def verify(args, plan, inputs, rewritten, exported, engine):
     return verified
 
 
-def _check_end_to_end(args, inputs, exported, images):
+def _check_end_to_end(args, inputs, exported, images, reference):
     """Each --nms file against ultralytics' NMS on its plain file's output (export/verify/nms_check.py)."""
     params = nms_params(args)
     checks = {}
     for precision, path in exported.nms.items():
         r = checks[precision] = _stage(f"end-to-end check of {path.name}", functools.partial(
             check_end_to_end, exported.files[precision], path, args.nms, params, images, args.batch, precision,
-            inputs.kind.to_v8_layout))
+            inputs.kind.to_v8_layout, reference))
         say(f"end-to-end {path.name}: {r['detections']} detections on {r['images']} images, max diff "
             f"{r['max_box_diff']:.2g} px / score {r['max_score_diff']:.2g} from the plain file's NMS"
             + (f" ({r['borderline']} at the threshold not counted)" if r["borderline"] else "")
+            + (f"; vs PyTorch: box recall {r['vs_pytorch']['box_recall']:.3f}, precision "
+               f"{r['vs_pytorch']['box_precision']:.3f}" if "vs_pytorch" in r else "")
             + f" -> {'pass' if r['pass'] else 'FAIL'}" + "".join(f"\n  {p}" for p in r["problems"][:5]))
     return {"layout": args.nms, "params": params_record(params), "files": checks,
             "pass": all(r["pass"] for r in checks.values())}

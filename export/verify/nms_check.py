@@ -14,6 +14,7 @@ import torch
 from ultralytics.utils.nms import non_max_suppression
 
 from export.graph.nms import check_trt_node, efficient_nms, trt_inputs_model
+from export.verify.parity import box_metrics
 from export.verify.runners import OrtRunner
 
 # Largest box (px) and score differences between the end-to-end file and the NMS of its plain file; a detection
@@ -21,8 +22,11 @@ from export.verify.runners import OrtRunner
 TOLERANCE = {"fp32": (0.01, 1e-4), "fp16": (0.5, 1e-2), "int8": (0.5, 1e-2)}
 
 
-def check_end_to_end(plain_path, e2e_path, layout, params, images, batch, precision, to_v8_layout):
-    """{layout, file, images, detections, borderline, max_box_diff, max_score_diff, problems, pass}."""
+def check_end_to_end(plain_path, e2e_path, layout, params, images, batch, precision, to_v8_layout, reference=None):
+    """{layout, file, images, detections, borderline, max_box_diff, max_score_diff, problems, pass}; with the
+    PyTorch `reference` runner also `vs_pytorch`: box recall, precision and mean IoU of the end-to-end detections
+    against ultralytics' NMS (same parameters) of the reference output, every decision counted (informative: the
+    verdict on PyTorch is the plain file's tie-aware parity)."""
     expected = _python_nms(OrtRunner(plain_path), images, batch, params, to_v8_layout)
     proto = onnx.load(str(e2e_path))
     problems = check_trt_node(proto, params, batch) if layout == "trt" else []
@@ -37,6 +41,9 @@ def check_end_to_end(plain_path, e2e_path, layout, params, images, batch, precis
         problems.append(f"detections differ from the plain file's NMS by up to {result['max_box_diff']:.3g} px / "
                         f"score {result['max_score_diff']:.3g} (tolerance {box_tol} px / {score_tol})")
     result.update(problems=problems, **{"pass": not problems})
+    if reference is not None:
+        metrics = box_metrics(_python_nms(reference, images, batch, params, to_v8_layout), got)
+        result["vs_pytorch"] = {k: metrics[k] for k in ("box_recall", "box_precision", "mean_iou")}
     return result
 
 
