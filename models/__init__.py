@@ -32,6 +32,41 @@ def to_export(model):
     return twin
 
 
+def structure_differences(module):
+    """How `module` (an instance of a family class, as a checkpoint rebuilt it by class name) differs from the
+    structure that class has when built as the tutorial builds it, which the export twin is written for: its own
+    parameters, buffers, submodules (by name) and attributes. [] when it has that structure; each entry is short
+    ("no cpe1", "extra parameter q_pos"). Extra attributes are not differences (ultralytics adds its own)."""
+    template = _template(type(module))
+    if template is None:
+        return []
+    got, want = _structure(module), _structure(template)
+    found = []
+    for kind in ("parameter", "buffer", "submodule"):
+        found += [f"no {name}" for name in sorted(want[kind] - got[kind])]
+        found += [f"extra {kind} {name}" for name in sorted(got[kind] - want[kind])]
+    found += [f"no attribute {name}" for name in sorted(want["attribute"] - got["attribute"])]
+    return found
+
+
+_TEMPLATES = {}
+
+
+def _template(cls):
+    if cls not in _TEMPLATES:
+        make = next((family.TEMPLATES.get(cls) for family in FAMILIES.values() if cls in family.TEMPLATES), None)
+        _TEMPLATES[cls] = make() if make else None
+    return _TEMPLATES[cls]
+
+
+def _structure(module):
+    d = module.__dict__
+    return {"parameter": {k for k, v in d.get("_parameters", {}).items() if v is not None},
+            "buffer": {k for k, v in d.get("_buffers", {}).items() if v is not None},
+            "submodule": {k for k, v in d.get("_modules", {}).items() if v is not None},
+            "attribute": {k for k in d if not k.startswith("_") and k != "training"}}
+
+
 def family_of(module):
     """The family module (fla, mlla, sta, s2) a reference or export twin instance belongs to, else None."""
     for family in FAMILIES.values():

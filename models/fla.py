@@ -275,3 +275,7 @@ CHECKPOINT_NAMES = ("FocusedLinearAttention", "Bottleneck_FLA", "C2f_FLA")
 # The twin runs q, k, v, proj and the dwc as convolutions of the block itself (scope ""), the optional sr conv as `sr`.
 INT8_LAYERS = ("", "sr")
 
+
+# What each class looks like when built as the tutorial builds it (export twins are written for this structure).
+TEMPLATES = {FocusedLinearAttention: lambda: FocusedLinearAttention(64), Bottleneck_FLA: lambda: Bottleneck_FLA(64, 64),
+             C2f_FLA: lambda: C2f_FLA(64, 64)}

@@ -241,3 +241,9 @@ YAML_MODULES = {"MLLAttention": ("attention", MLLAttention)}
 INT8_LAYERS = ("cpe1", "in_proj", "act_proj", "dwc", "qk", "lepe", "out_proj", "cpe2", "mlp.fc1", "mlp.fc2")
 
 CHECKPOINT_NAMES = ("MLLAttention", "MLLABlock", "LinearAttention", "RoPE", "Mlp", "DropPath")
+
+
+# What each class looks like when built as the tutorial builds it (export twins are written for this structure).
+TEMPLATES = {MLLAttention: lambda: MLLAttention(64), MLLABlock: lambda: MLLABlock(64, (8, 8), 4),
+             LinearAttention: lambda: LinearAttention(64, (8, 8), 4), RoPE: lambda: RoPE((8, 8, 64)),
+             Mlp: lambda: Mlp(64), DropPath: lambda: DropPath()}

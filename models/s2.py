@@ -159,3 +159,7 @@ YAML_MODULES = {"S2Attention": ("attention", s2_for_yaml)}
 INT8_LAYERS = ("mlp1", "mlp2")
 
 CHECKPOINT_NAMES = ("S2Attention", "SplitAttention", "spatial_shift1", "spatial_shift2")
+
+
+# What each class looks like when built as the tutorial builds it (export twins are written for this structure).
+TEMPLATES = {S2Attention: lambda: S2Attention(64, 64), SplitAttention: lambda: SplitAttention(64)}

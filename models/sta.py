@@ -234,3 +234,8 @@ YAML_MODULES = {"StokenAttention": ("attention", StokenAttention)}
 INT8_LAYERS = ("stoken_refine.qkv", "stoken_refine.proj")
 
 CHECKPOINT_NAMES = ("StokenAttention", "StAttention", "Unfold", "Fold")
+
+
+# What each class looks like when built as the tutorial builds it (export twins are written for this structure).
+TEMPLATES = {StokenAttention: lambda: StokenAttention(64), StAttention: lambda: StAttention(64),
+             Unfold: lambda: Unfold(), Fold: lambda: Fold()}

@@ -202,6 +202,36 @@ SOURCES = {
                 att = F.adaptive_avg_pool2d(yg.sigmoid(), [s, s]) * (1 - self.mix) + yl.sigmoid() * self.mix
                 return x * F.adaptive_avg_pool2d(att, [m, n])
     ''',
+    # Deformable large-kernel attention (D-LKA, Azad et al., 2023): the large-kernel attention's depthwise 5x5
+    # and dilated 7x7 convolutions made deformable (torchvision's DeformConv2d, offsets and a DCNv2 modulation
+    # mask from plain convs), a 1x1 conv, and the result gating the input.
+    "DeformableLKA": '''
+        from torch import nn
+        from torchvision.ops import DeformConv2d
+
+
+        class DeformableDepthwise(nn.Module):
+            def __init__(self, c, k, dilation=1):
+                super().__init__()
+                pad = dilation * (k - 1) // 2
+                self.offset = nn.Conv2d(c, 2 * k * k, 3, padding=1)
+                self.modulation = nn.Conv2d(c, k * k, 3, padding=1)
+                self.dcn = DeformConv2d(c, c, k, padding=pad, dilation=dilation, groups=c)
+
+            def forward(self, x):
+                return self.dcn(x, self.offset(x), self.modulation(x).sigmoid())
+
+
+        class DeformableLKA(nn.Module):
+            def __init__(self, c):
+                super().__init__()
+                self.conv0 = DeformableDepthwise(c, 5)
+                self.conv_spatial = DeformableDepthwise(c, 7, dilation=3)
+                self.conv1 = nn.Conv2d(c, c, 1)
+
+            def forward(self, x):
+                return x + x * self.conv1(self.conv_spatial(self.conv0(x)))
+    ''',
     # A hand-written RMS gate whose sum of squares overflows fp16 (65504) on real activations: exact in fp32,
     # zero in fp16, the way hand-rolled norms in attention forks fail in half precision.
     "ScaledGate": '''
@@ -221,7 +251,7 @@ SOURCES = {
     ''',
 }
 # yolov8n at 128: layer 12 and 18 are P4 (8x8), 15 P3 (16x16), 21 P5 (4x4).
-PLACEMENT = {12: ("MixedLocalChannel", 128), 15: ("RoutingAttention", 64),
+PLACEMENT = {9: ("DeformableLKA", 256), 12: ("MixedLocalChannel", 128), 15: ("RoutingAttention", 64),
              18: ("DeformableAttention:DeformableAttentionInPlace", 128), 21: ("LocalUnfoldAttention", 256)}
 
 
@@ -231,3 +261,113 @@ def write_fork(root):
 
 def save_checkpoint(root, path, placement=PLACEMENT):
     return user_blocks.save_checkpoint(root, path, placement=placement)
+
+
+# Blocks named like our four families but built differently, as forks reuse the tutorial names for variants
+# (an attention core without the block's convolutions, another formulation). Each file is named after the fork's
+# own module, not ours.
+LOOKALIKES = {
+    # MLLA's attention core only (no cpe1/cpe2, norms or MLP): linear attention with ELU+1 features and a rotary
+    # embedding by rotate-half on q and k.
+    "MLLAcore": '''
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+
+        class MLLAttention(nn.Module):
+            def __init__(self, c1, num_heads=4):
+                super().__init__()
+                self.num_heads = num_heads
+                self.qkv = nn.Linear(c1, 3 * c1)
+                self.proj = nn.Linear(c1, c1)
+
+            @staticmethod
+            def rotate(t, n):
+                half = t.shape[-1] // 2
+                freq = 1.0 / 10000 ** (torch.arange(half, dtype=t.dtype, device=t.device) / half)
+                angle = torch.arange(n, dtype=t.dtype, device=t.device)[:, None] * freq
+                cos, sin = angle.cos().repeat(1, 2), angle.sin().repeat(1, 2)
+                return t * cos + torch.cat((-t[..., half:], t[..., :half]), -1) * sin
+
+            def forward(self, x):
+                b, c, h, w = x.shape
+                n, heads = h * w, self.num_heads
+                q, k, v = self.qkv(x.flatten(2).transpose(1, 2)).reshape(b, n, 3, heads, c // heads).unbind(2)
+                q, k = F.elu(q) + 1, F.elu(k) + 1
+                q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+                qr, kr = self.rotate(q, n), self.rotate(k, n)
+                z = 1 / (q @ k.mean(2, keepdim=True).transpose(-1, -2) + 1e-6)
+                out = (qr @ (kr.transpose(-1, -2) @ v / n)) * z
+                return x + self.proj(out.transpose(1, 2).reshape(b, n, c)).transpose(1, 2).reshape(b, c, h, w)
+    ''',
+    # Focused linear attention without the depthwise conv and positional encoding: focusing power 3 on ReLU
+    # features, computed with 1x1 convs.
+    "FLAlite": '''
+        import torch
+        from torch import nn
+
+
+        class FocusedLinearAttention(nn.Module):
+            def __init__(self, dim, num_heads=4, focusing_factor=3):
+                super().__init__()
+                self.num_heads, self.focusing_factor = num_heads, focusing_factor
+                self.qkv = nn.Conv2d(dim, 3 * dim, 1)
+                self.out = nn.Conv2d(dim, dim, 1)
+
+            def focus(self, t):
+                t = torch.relu(t) + 1e-6
+                norm = t.norm(dim=-1, keepdim=True)
+                t = t ** self.focusing_factor
+                return t / t.norm(dim=-1, keepdim=True) * norm
+
+            def forward(self, x):
+                b, c, h, w = x.shape
+                q, k, v = self.qkv(x).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).unbind(1)
+                q, k = self.focus(q.transpose(-1, -2)), self.focus(k.transpose(-1, -2))
+                kv = k.transpose(-1, -2) @ v.transpose(-1, -2)
+                z = 1 / (q @ k.sum(-2, keepdim=True).transpose(-1, -2) + 1e-6)
+                out = (q @ kv * z).transpose(-1, -2).reshape(b, c, h, w)
+                return x + self.out(out)
+    ''',
+    # Super tokens by average pooling and one cross attention from pixels to them (no iterations, no refine).
+    "STAlite": '''
+        import torch.nn.functional as F
+        from torch import nn
+
+
+        class StokenAttention(nn.Module):
+            def __init__(self, dim, stoken=4):
+                super().__init__()
+                self.stoken = stoken
+                self.q, self.kv = nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, 2 * dim, 1)
+
+            def forward(self, x):
+                b, c, h, w = x.shape
+                tokens = F.adaptive_avg_pool2d(x, self.stoken)
+                k, v = self.kv(tokens).flatten(2).chunk(2, 1)
+                q = self.q(x).flatten(2)
+                attn = (q.transpose(1, 2) @ k * c ** -0.5).softmax(-1)
+                return x + (v @ attn.transpose(1, 2)).reshape(b, c, h, w)
+    ''',
+    # S2-MLP's shift without the split attention: a channel MLP, four one-pixel shifts by torch.roll, another MLP.
+    "S2lite": '''
+        import torch
+        from torch import nn
+
+
+        class S2Attention(nn.Module):
+            def __init__(self, channels):
+                super().__init__()
+                self.mlp1, self.mlp2 = nn.Conv2d(channels, channels, 1), nn.Conv2d(channels, channels, 1)
+
+            def forward(self, x):
+                y = self.mlp1(x)
+                g = y.shape[1] // 4
+                parts = [torch.roll(y[:, :g], 1, 2), torch.roll(y[:, g:2 * g], -1, 2),
+                         torch.roll(y[:, 2 * g:3 * g], 1, 3), torch.roll(y[:, 3 * g:], -1, 3)]
+                return x + self.mlp2(torch.cat(parts, 1))
+    ''',
+}
+LOOKALIKE_PLACEMENT = {12: ("MLLAcore:MLLAttention", 128), 15: ("FLAlite:FocusedLinearAttention", 64),
+                       18: ("STAlite:StokenAttention", 128), 21: ("S2lite:S2Attention", 256)}

@@ -15,7 +15,7 @@ from export.graph.onnx_passes import float64_as_float32, grid_sample_one_type
 from export.pipeline.export_job import _block_named_in, second_size
 from tests import paper_blocks
 
-BLOCKS = {"model.12.1": "MixedLocalChannel", "model.15.1": "RoutingAttention",
+BLOCKS = {"model.9.1": "DeformableLKA", "model.12.1": "MixedLocalChannel", "model.15.1": "RoutingAttention",
           "model.18.1": "DeformableAttentionInPlace", "model.21.1": "LocalUnfoldAttention"}
 
 
@@ -42,6 +42,7 @@ def test_fp32_export_matches_block_by_block(fork, tmp_path):
     check = report["block_check"]
     assert check["pass"] and set(check["errors"]) == set(BLOCKS) and max(check["errors"].values()) < 1e-4
     records = _records(report)
+    assert "deform-conv" in records["model.9.1"]  # torchvision's DeformConv2d in standard ops
     assert "adaptive-pool" in records["model.12.1"]  # to 5x5 from 8x8 (non-dividing) and back up to 8x8 (larger)
     assert {"float64", "inplace-chain"} <= records["model.18.1"]  # linspace of traced sizes; the reference points
     details = [r["detail"] for r in report["user_blocks"]["model.18.1"]["rewrites"] if r["rewrite"] == "inplace-chain"]
@@ -196,3 +197,29 @@ def test_a_failing_fp16_block_is_kept_fp32_once():
 def test_fp32_keep_needs_an_fp16_model(capsys):
     assert main(["--weights", "x.pt", "--fp32-keep", "model.1"]) == 2
     assert "--fp32-keep configures the fp16 model" in capsys.readouterr().err
+
+
+def test_deform_conv2d_in_standard_ops_is_torchvisions():
+    """Strides, paddings, dilations, groups, offset groups, DCNv2 masks, non-square maps; offsets of a few pixels,
+    so sampling points fall outside the map too."""
+    import itertools
+
+    import torch
+    import torchvision.ops as ops
+
+    from export.graph.generic import _deform_conv2d
+
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for stride, pad, dil, groups, og, masked, hw in itertools.product((1, 2), (0, 3), (1, 2), (1, 2), (1, 2),
+                                                                        (False, True), ((9, 9), (7, 11))):
+        x, w, bias = torch.randn(2, 4, *hw, generator=g), torch.randn(6, 4 // groups, 3, 3, generator=g), \
+            torch.randn(6, generator=g)
+        ho, wo = ((n + 2 * pad - dil * 2 - 1) // stride + 1 for n in hw)
+        offset = torch.randn(2, 2 * og * 9, ho, wo, generator=g) * 2
+        mask = torch.rand(2, og * 9, ho, wo, generator=g) if masked else None
+        expected = ops.deform_conv2d(x, offset, w, bias, stride=stride, padding=pad, dilation=dil, mask=mask)
+        got = _deform_conv2d(None, lambda *a: None, False, x, offset, w, bias, (stride, stride), (pad, pad),
+                             (dil, dil), mask)
+        worst = max(worst, float((got - expected).abs().max() / expected.abs().max()))
+    assert worst < 2e-6

@@ -63,6 +63,9 @@ TORCH_LAYER_ARGS = {
     "Linear": (2, 2), "NonDynamicallyQuantizableLinear": (2, 2), "Bilinear": (2, 2, 2), "Embedding": (10, 4),
     "Sequential": (nn.Conv2d(1, 1, 1),), "ModuleList": ([nn.ReLU()],), "ModuleDict": ({"act": nn.ReLU()},),
     "ParameterList": ([nn.Parameter(torch.zeros(1))],), "ParameterDict": ({"w": nn.Parameter(torch.zeros(1))},),
+    # torchvision's own modules
+    "DeformConv2d": (4, 4, 3), "SqueezeExcitation": (8, 2), "FrozenBatchNorm2d": (4,), "StochasticDepth": (0.1, "row"),
+    "Conv2dNormActivation": (4, 4), "Conv3dNormActivation": (4, 4), "MLP": (4, [8, 4]), "Permute": ([0, 2, 3, 1],),
 }
 TORCH_LAYER_KWARGS = {  # values that set the optional fields, within their bounds
     "Conv2d": {"padding": 1, "padding_mode": "reflect"}, "Conv1d": {"padding": "same", "padding_mode": "circular"},

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from export.checkpoint import object_graph, schema, user_code
-from export.checkpoint.safe_pickle import LIBRARY_ROOTS, Refused, UnpickleLog, unpickle
+import models
+from export.checkpoint.safe_pickle import FAMILY_CLASSES, LIBRARY_ROOTS, Refused, UnpickleLog, unpickle
 from export.checkpoint.torch_zip import NotTorchZip, open_torch_zip
 from export.errors import BadInput
 from export.text import shown
@@ -80,6 +81,7 @@ class LoadedCheckpoint:
     remapped: dict = field(default_factory=dict)  # fork class path -> our class path
     user_code: dict = field(default_factory=dict)  # --code: pickled class path -> the fork file it was imported from
     code_rewrites: dict = field(default_factory=dict)  # --code: fork file -> [(line, statement)] rewritten at import
+    not_family: dict = field(default_factory=dict)  # --code: class path named like a family, built differently -> why
     kind: str = "ultralytics"  # or "yolov5": a YOLOv5-repository checkpoint (kinds.py)
 
 
@@ -92,12 +94,16 @@ def load(path, code=()):
     try:
         ckpt, log = read(path)
         model, source = _pick_model(ckpt, path)
-        imported = user_code.ImportedCode()
-        if log.unknown and code:
-            imported = _import_user_code(log, model, code)
+        imported, mismatched = user_code.ImportedCode(), family_mismatches(log, model)
+        not_family = {qual: e["differences"] for qual, e in mismatched.items()}
+        if (log.unknown or mismatched) and code:
+            imported = _import_user_code(log, model, code, mismatched)
             ckpt, log = read(path, imported.classes)
             model, source = _pick_model(ckpt, path)
+            mismatched = family_mismatches(log, model)
         _refuse_unknowns(log, model)
+        if mismatched:
+            raise FamilyMismatchError(mismatched)
         schema.check_model(model)  # every value later code trusts, before any method of the model runs
         names, stride = _names(model), _stride(model)
         schema.check_names(names)
@@ -114,7 +120,7 @@ def load(path, code=()):
     return LoadedCheckpoint(model=model, path=path, names=names, nc=len(names), stride=stride,
                             task=_task(model), imgsz=imgsz, source=source, saved_half=saved_half,
                             remapped=log.remapped, kind=log.kind, user_code=imported.sources(),
-                            code_rewrites=imported.rewritten)
+                            code_rewrites=imported.rewritten, not_family=not_family)
 
 
 def _one_line(e):
@@ -152,11 +158,15 @@ def _check_file(path):
                           f"pass the best.pt that training wrote")
 
 
-def _import_user_code(log, model, code):
+def _import_user_code(log, model, code, mismatched):
     """The unknown blocks' classes, imported from --code for a second read. Only placeholders inside the model
     (blocks) are resolved, after the first read validated the whole file; any other unknown global, and any
-    library class, is refused first (nothing of the user's runs for a file that would be refused anyway)."""
-    blocks = _custom_blocks(log, model)
+    library class, is refused first (nothing of the user's runs for a file that would be refused anyway). Blocks
+    named like a family but built differently (`mismatched`) come from the fork too, with every other class the
+    checkpoint names from their fork modules (a block and its helpers from one file stay together)."""
+    blocks = set(_custom_blocks(log, model))
+    modules = {qual.rpartition(".")[0] for qual in mismatched}
+    blocks |= set(mismatched) | {q for q in log.remapped if q.rpartition(".")[0] in modules}
     try:
         return user_code.resolve(blocks, code)
     except user_code.CodeError as e:
@@ -199,6 +209,34 @@ def _refuse_unknowns(log, model):
     placeholders' contents are not validated."""
     if log.unknown:
         raise UnknownBlocksError(_custom_blocks(log, model))
+
+
+def family_mismatches(log, model):
+    """{pickled class path: {"family_class", "layers", "differences"}} for the modules rebuilt as a family class by
+    name whose structure is not the one that class's export twin is written for (models.structure_differences)."""
+    found = {}
+    for layer, m in object_graph.modules_by_layer(model):
+        differences = models.structure_differences(m) if type(m) in FAMILY_TYPES else []
+        if differences:
+            ours = f"{type(m).__module__}.{type(m).__qualname__}"
+            for qual in [q for q, o in log.remapped.items() if o == ours] or [ours]:
+                entry = found.setdefault(qual, {"family_class": ours, "layers": set(), "differences": differences})
+                entry["layers"].add(layer)
+    return {q: {**e, "layers": sorted(e["layers"])} for q, e in found.items()}
+
+
+FAMILY_TYPES = frozenset(FAMILY_CLASSES.values())
+
+
+class FamilyMismatchError(CheckpointError):
+    def __init__(self, mismatched):
+        self.mismatched = mismatched
+        listed = "; ".join(f"{shown(qual)} at layer {', '.join(map(str, e['layers']))} is named like our "
+                           f"{e['family_class'].rpartition('.')[2]} but built differently "
+                           f"({', '.join(e['differences'][:6])}{', ...' if len(e['differences']) > 6 else ''})"
+                           for qual, e in mismatched.items())
+        super().__init__(f"{listed}: our export twin is written for the tutorial's structure, so it cannot take "
+                         f"this block — {CODE_HINT}")
 
 
 def _custom_blocks(log, model):

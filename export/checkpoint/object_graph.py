@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torchvision.ops
 from torch import nn
 
 from export.checkpoint.safe_pickle import (NAMESPACES, TABLE_MODULE_TYPES, TABLE_PLAIN_TYPES, Refused, Unknown,
@@ -160,17 +161,23 @@ class _Walk:
 
 def unknown_blocks(model):
     """{placeholder origin: [layer indices]} for the placeholders inside a validated model, by __dict__ only."""
+    blocks = {}
+    for layer, m in modules_by_layer(model):
+        if isinstance(m, Unknown):
+            blocks.setdefault(m.origin, set()).add(layer)
+    return {origin: sorted(indices) for origin, indices in blocks.items()}
+
+
+def modules_by_layer(model):
+    """(layer index, module) for every module inside a validated model's layers, by __dict__ only."""
     layers = _children(model)
     sequential = model.__dict__.get("_modules", {}).get("model") if type(model.__dict__.get("_modules")) in DICTS else None
     if isinstance(sequential, nn.Sequential):
         layers = _children(sequential)
-    blocks = {}
     for position, layer in enumerate(layers or [model]):
         index = layer.__dict__.get("i")
         for m in _subtree(layer):
-            if isinstance(m, Unknown):
-                blocks.setdefault(m.origin, set()).add(index if type(index) is int else position)
-    return {origin: sorted(indices) for origin, indices in blocks.items()}
+            yield (index if type(index) is int else position), m
 
 
 def _subtree(root):
@@ -263,12 +270,32 @@ def _check_upsample(m):
     return (scale is None or (type(scale) in (int, float) and 0 < scale <= 16)) and (size is None or _small_ints(size))
 
 
+def _check_deform_conv(m):
+    """torchvision's DeformConv2d: its weight (out, in / groups, kh, kw) as its sizes say."""
+    d, w = m.__dict__, m.__dict__["_parameters"].get("weight")
+    k, groups = d.get("kernel_size"), d.get("groups")
+    return (_small_ints(d.get("in_channels"), 1, 1, 1 << 16) and _small_ints(d.get("out_channels"), 1, 1, 1 << 16)
+            and _small_ints(groups, 1, 1, 1 << 16) and _small_ints(k, 2, 1, 64) and w is not None
+            and d["in_channels"] % groups == 0
+            and tuple(w.shape) == (d["out_channels"], d["in_channels"] // groups, *k))
+
+
+def _check_frozen_batchnorm(m):
+    """torchvision's FrozenBatchNorm2d: four 1-D buffers of one size, a positive eps."""
+    b = m.__dict__["_buffers"]
+    shapes = {tuple(b[k].shape) if b.get(k) is not None else None for k in ("weight", "bias", "running_mean",
+                                                                         "running_var")}
+    return len(shapes) == 1 and None not in shapes and len(next(iter(shapes))) == 1 and \
+        type(m.__dict__.get("eps")) is float and m.__dict__["eps"] > 0
+
+
 CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3,
              nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
 NUMBER_CHECKS = {**dict.fromkeys(CONV_DIMS, _check_conv),
                  **dict.fromkeys((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm), _check_batchnorm),
                  **dict.fromkeys((nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear), _check_linear),
-                 nn.Upsample: _check_upsample}
+                 nn.Upsample: _check_upsample, torchvision.ops.DeformConv2d: _check_deform_conv,
+                 torchvision.ops.FrozenBatchNorm2d: _check_frozen_batchnorm}
 
 
 def _check_module_numbers(m):

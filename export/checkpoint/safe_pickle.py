@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torchvision.ops.deform_conv
+import torchvision.ops.misc
+import torchvision.ops.stochastic_depth
 from torch import nn
 from ultralytics.nn import tasks
 from ultralytics.nn.modules import block, conv, head
@@ -97,7 +100,12 @@ TORCH_LAYER_NAMES = {
     "loss": ("BCEWithLogitsLoss",),  # older ultralytics pickled its training loss with the model
 }
 # torch layers torch.nn does not export, by their defining module: MultiheadAttention's `out_proj`.
-TORCH_PARTS = {nn.modules.linear: ("NonDynamicallyQuantizableLinear",)}
+TORCH_PARTS = {nn.modules.linear: ("NonDynamicallyQuantizableLinear",),
+               # torchvision's own modules that detection forks hold (DCNv2-style deformable attention, SE, ...)
+               torchvision.ops.deform_conv: ("DeformConv2d",),
+               torchvision.ops.misc: ("SqueezeExcitation", "FrozenBatchNorm2d", "Conv2dNormActivation",
+                                      "Conv3dNormActivation", "MLP", "Permute"),
+               torchvision.ops.stochastic_depth: ("StochasticDepth",)}
 # Left out on purpose: a checkpoint holding one is refused as a library class (loader.LibraryClassesError):
 # - RNN, LSTM, GRU (and their cells, with them): RNNBase's own __setstate__ rebuilds `_flat_weights` from
 #   `_all_weights` (a loop of `num_layers`, from the file) and the cuDNN weight layout; bypassed, they do not run.

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torchvision.ops
 from torch import nn
 from ultralytics.nn.modules import conv
 
@@ -166,6 +167,8 @@ CLASS_FIELDS = {
     **{cls: {"eps": NONE | number(0, 1)} for cls in _torch("RMSNorm")},  # None: the dtype's eps
     nn.PairwiseDistance: {"norm": number(0, 64)},
     nn.ParameterList: {"_size": integer(0, MAX_STATE_KEYS)}, nn.ParameterDict: {"_keys": NAMES},
+    torchvision.ops.StochasticDepth: {"mode": choice("row", "batch")},
+    torchvision.ops.misc.Permute: {"dims": integers(-8, 8, max_len=8)},
 }
 UNLISTED = Field("any checkpoint data but an int beyond 2**40", lambda v: type(v) is not int or abs(v) <= 1 << 40)
 

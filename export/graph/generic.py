@@ -31,6 +31,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+import torchvision.ops.deform_conv
 
 from export.graph.onnx_passes import node_scope
 
@@ -343,6 +344,49 @@ def _permuted(term, tensor, order):
     return tensor if perm == sorted(perm) else tensor.permute(perm)
 
 
+# ---- deformable convolution ----------------------------------------------------------------------------------
+
+def _deform_conv2d(original, note, dynamic, input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0),
+                   dilation=(1, 1), mask=None):
+    """torchvision's deform_conv2d (DCNv1, DCNv2 with `mask`) in standard ops: every kernel tap's sampling
+    points (the regular grid plus the learned offsets) sampled bilinearly with GridSample (align_corners, zero
+    padding: torchvision's own bilinear rule, corners outside the map count 0), masked, then one grouped matmul
+    with the weights. torch exports deform_conv2d only as ONNX DeformConv (opset 19), which TensorRT's parser
+    does not take and our opset 17 files cannot hold. The sampling runs in fp32 in an fp16 model."""
+    note("deform-conv", "torchvision deform_conv2d as GridSample per kernel tap + grouped MatMul (exact; "
+                        "sampling in fp32)")
+    b, cin, h, w = input.shape
+    cout, cin_g, kh, kw = weight.shape
+    k, groups = kh * kw, cin // cin_g
+    og = offset.shape[1] // (2 * k)
+    ho, wo = offset.shape[-2:]
+    (sh, sw), (ph, pw), (dh, dw) = (_pair(v) for v in (stride, padding, dilation))
+    off = offset.float().reshape(b, og, k, 2, ho, wo)
+    taps_y = (torch.arange(kh, device=input.device) * dh).repeat_interleave(kw).float()
+    taps_x = (torch.arange(kw, device=input.device) * dw).repeat(kh).float()
+    rows = (torch.arange(ho, device=input.device) * sh - ph).float()
+    cols = (torch.arange(wo, device=input.device) * sw - pw).float()
+    y = rows.view(1, 1, 1, -1, 1) + taps_y.view(1, 1, -1, 1, 1) + off[:, :, :, 0]  # (b, og, k, ho, wo) pixels
+    x = cols.view(1, 1, 1, 1, -1) + taps_x.view(1, 1, -1, 1, 1) + off[:, :, :, 1]
+    grid = torch.stack((x / (w - 1).clamp(min=1) * 2 - 1, y / (h - 1).clamp(min=1) * 2 - 1), -1) if isinstance(
+        w, torch.Tensor) else torch.stack((x / max(w - 1, 1) * 2 - 1, y / max(h - 1, 1) * 2 - 1), -1)
+    grid = grid.reshape(b * og, k * ho, wo, 2)
+    sampled = F.grid_sample(input.float().reshape(b * og, cin // og, h, w), grid, mode="bilinear",
+                            padding_mode="zeros", align_corners=True)  # (b*og, cin/og, k*ho, wo)
+    sampled = sampled.reshape(b, og, cin // og, k, ho, wo)
+    if mask is not None:
+        sampled = sampled * mask.float().reshape(b, og, 1, k, ho, wo)
+    columns = sampled.reshape(b, groups, cin_g * k, ho * wo)  # channel-major, then kernel tap: the weight's order
+    out = torch.matmul(weight.float().reshape(1, groups, cout // groups, cin_g * k), columns)
+    out = out.reshape(b, cout, ho, wo)
+    out = out + bias.float().view(1, -1, 1, 1) if bias is not None else out
+    return out.to(input.dtype)
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
 # ---- in-place ops on views ---------------------------------------------------------------------------------------
 
 # Tensor methods that write into `self`.
@@ -385,6 +429,8 @@ _REWRITES = [
     (F, "adaptive_avg_pool2d", _adaptive_avg_pool2d),
     (F, "adaptive_max_pool2d", _adaptive_max_pool2d),
     (torch, "einsum", _einsum),
+    (torchvision.ops.deform_conv, "deform_conv2d", _deform_conv2d),  # DeformConv2d.forward looks it up there
+    (torchvision.ops, "deform_conv2d", _deform_conv2d),
 ]
 
 

@@ -244,12 +244,15 @@ def _as_written(twin, loaded):
     for name in outermost_user_blocks(twin):
         cls = type(twin.get_submodule(name))
         qual = pickled_name(cls)
-        file = loaded.user_code.get(qual, "")
-        blocks[name] = {"class": qual, "file": file, "export": AS_WRITTEN, "rewrites": [
+        file, differs = loaded.user_code.get(qual, ""), loaded.not_family.get(qual)
+        export = AS_WRITTEN if not differs else (f"named like a family class but built differently "
+                                                 f"({', '.join(differs[:4])}{', ...' if len(differs) > 4 else ''}): "
+                                                 f"{AS_WRITTEN}")
+        blocks[name] = {"class": qual, "file": file, "export": export, "rewrites": [
             {"rewrite": "inplace-chain", "detail": f"line {line}: {code} as an indexed assignment, rewritten at import "
                                                    "(same values; torch's exporter loses chained in-place ops on views)"}
             for line, code in loaded.code_rewrites.get(file, [])]}
-        say(f"  {name}: {cls.__name__}: {AS_WRITTEN}")
+        say(f"  {name}: {cls.__name__}: {export}")
         for r in blocks[name]["rewrites"]:
             say(f"    {r['rewrite']}: {r['detail']}")
     return blocks
