@@ -28,7 +28,9 @@ import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ADDRESS_SPACE_LIMIT = 4 << 30
+# The loading process's address space: what its imports mapped plus this much. A fixed total would shrink the
+# load's room whenever the imports grow (torchvision's ops add ~0.3 GiB of mappings).
+ADDRESS_SPACE_HEADROOM = 768 << 20
 TIMEOUT_S = 120
 
 # Importing these runs pip install / git clone / sys.exit: a child refuses the import (and records the
@@ -320,9 +322,14 @@ def _probes():
 
 def _rss_mb():
     """This process's resident size now (a forked child starts well below its parent's)."""
+    rss = _status_kb("VmRSS")
+    return None if rss is None else rss // 1024
+
+
+def _status_kb(field):
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) // 1024
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
     return None
 
 
@@ -333,7 +340,8 @@ def _child(job, result_path):
     import export
     from export.checkpoint.loader import CheckpointError
 
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
+    limit = _status_kb("VmSize") * 1024 + ADDRESS_SPACE_HEADROOM
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     log = os.open(Path(result_path).with_suffix(".log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(log, 1)  # the loader's (or a payload's) output, kept for the report
     os.dup2(log, 2)

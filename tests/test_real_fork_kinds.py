@@ -223,3 +223,20 @@ def test_deform_conv2d_in_standard_ops_is_torchvisions():
                              (dil, dil), mask)
         worst = max(worst, float((got - expected).abs().max() / expected.abs().max()))
     assert worst < 2e-6
+
+
+def test_a_failing_torch_export_prints_no_ir_dump(capfd):
+    """torch's TorchScript exporter prints its whole IR graph to stdout when it fails (its log switch is always
+    on); the trace keeps the console to our one line."""
+    import torch
+
+    from export.graph.to_onnx import trace
+
+    class Complex(torch.nn.Module):
+        def forward(self, x):
+            return torch.view_as_real(torch.view_as_complex(x.reshape(1, -1, 2)) * 1j).reshape(x.shape)
+
+    with pytest.raises(Exception):
+        trace(Complex(), torch.rand(1, 4, 2, 2))
+    captured = capfd.readouterr()
+    assert "Torch IR graph" not in captured.out + captured.err

@@ -1,6 +1,6 @@
 """Generic rewrites for attention blocks that have no hand-written export twin (CBAM, CoordAtt, BiFormer, ...).
 
-Such blocks are exported as their PyTorch code is written. Three things in that code export badly for TensorRT, and
+Such blocks are exported as their PyTorch code is written. These things in that code export badly for TensorRT, and
 each has an exact rewrite here:
 
 - adaptive pooling (`F.adaptive_avg_pool2d` / `adaptive_max_pool2d`, and the nn modules calling them): torch exports
@@ -12,11 +12,13 @@ each has an exact rewrite here:
   matrices, max as a masked max over one axis at a time. A static export keeps the cheaper reshape into equal bins +
   mean/max where the output size divides the input;
 - `torch.einsum`: exported as an Einsum node; permutes, reshapes, sums and batched matmuls compute the same;
+- torchvision's `deform_conv2d` (DeformConv2d): not exported by torch at all; GridSample per kernel tap and a grouped
+  matmul compute the same (`_deform_conv2d`);
 - in-place slice writes (`x[:, 2:5] = y`): exported as ScatterND, which TensorRT runs serialised; when the written
   region is a literal box, Slice + Concat assemble the same tensor (`literal_slice_writes`, on the ONNX graph).
 
 `exportable_calls` swaps the torch calls only while a named block runs, and records per block what it rewrote (and
-what it saw but could not cover: `NOT_COVERED`). Python numbers computed from tensors ("shape code") cannot be
+what it saw but could not cover: `NOT_COVERED`, and in-place ops on views, seen by a profile hook: `INPLACE_VIEW`). Python numbers computed from tensors ("shape code") cannot be
 rewritten generically; `shape_code_warnings` turns the tracer's warnings about them into the same kind of records.
 """
 
@@ -351,8 +353,8 @@ def _deform_conv2d(original, note, dynamic, input, offset, weight, bias=None, st
     """torchvision's deform_conv2d (DCNv1, DCNv2 with `mask`) in standard ops: every kernel tap's sampling
     points (the regular grid plus the learned offsets) sampled bilinearly with GridSample (align_corners, zero
     padding: torchvision's own bilinear rule, corners outside the map count 0), masked, then one grouped matmul
-    with the weights. torch exports deform_conv2d only as ONNX DeformConv (opset 19), which TensorRT's parser
-    does not take and our opset 17 files cannot hold. The sampling runs in fp32 in an fp16 model."""
+    with the weights. Measured: torch's TorchScript exporter does not export deform_conv2d at all, and an ONNX
+    DeformConv node (opset 19) is rejected by TensorRT-RTX's parser. The sampling runs in fp32 in an fp16 model."""
     note("deform-conv", "torchvision deform_conv2d as GridSample per kernel tap + grouped MatMul (exact; "
                         "sampling in fp32)")
     b, cin, h, w = input.shape
