@@ -1,6 +1,11 @@
-"""Artifacts are written atomically: a temp file in the same folder, then a rename. Never half-written."""
+"""Artifacts are written atomically: a temp file in the same folder, then a rename. Never half-written.
+
+An exception or Ctrl-C during the write removes the temp file. A process killed outright (SIGKILL, power loss)
+cannot clean up: its temp file carries its pid, and the next write of the same artifact removes the temp files
+of writers that no longer run."""
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -9,7 +14,8 @@ def atomic_write(path, data):
     """Write bytes `data` to `path` (creating its folder) so that readers see the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    _remove_orphaned_parts(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -21,3 +27,22 @@ def atomic_write(path, data):
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _remove_orphaned_parts(path):
+    """Temp files of `path` left by writers that were killed (their pid no longer runs)."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.[^.]+\.part")
+    for entry in path.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and not _running(int(match.group(1))):
+            entry.unlink(missing_ok=True)
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

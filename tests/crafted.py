@@ -351,6 +351,7 @@ def _child(job, result_path):
     before = {label: _fingerprint(o) for label, o in _watched().items()}
     modules_before = set(sys.modules)
     result = {"watch_before": [m for m in job.get("watch", []) if m in sys.modules], "rss_start_mb": _rss_mb()}
+    started, cpu_started = time.monotonic(), time.process_time()
     try:
         export.load(job["weights"])
         result["outcome"] = "loaded"
@@ -360,6 +361,10 @@ def _child(job, result_path):
     except BaseException as e:  # noqa: BLE001 - anything else is a loader bug the test reports
         result.update(outcome="crashed", error=f"{type(e).__name__}: {e}"[:2000],
                       traceback=traceback.format_exc()[-4000:])
+    # The attacked call alone, not the fork and the checks around it: CPU time is what a DoS burns and holds on a
+    # loaded machine; wall time also counts waits (reads, a machine shared with other work).
+    result["call_wall_s"] = round(time.monotonic() - started, 3)
+    result["call_cpu_s"] = round(time.process_time() - cpu_started, 3)
     result["imports_blocked"] = tripwire.attempts
     result["new_modules"] = sorted(m for m in set(sys.modules) - modules_before if m.startswith(OBSERVED_IMPORTS))
     result["watch_after"] = [m for m in job.get("watch", []) if m in sys.modules]

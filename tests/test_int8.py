@@ -46,9 +46,26 @@ def _int8_of(weights, out, calib_n=48, tamper=None, evaluate=None):
     return loaded, fp32, make_int8(job, evaluate=evaluate, reference_map=reference)
 
 
+def _demo_map(weights):
+    """mAP50-95 of an ONNX file of `weights` on the demo dataset's val split: the int8 stage's `evaluate`."""
+    loaded = load(weights)
+    data, imgsz, layout = demo_dataset(), (loaded.imgsz, loaded.imgsz), kinds.of(loaded).to_v8_layout
+    return lambda path: labelled_map({"m": OrtRunner(path)}, data, imgsz, to_v8_layout=layout,
+                                     names=loaded.names)["m"]["map50_95"]
+
+
 @pytest.fixture(scope="module", params=DEMOS, ids=lambda p: p.stem)
 def demo_int8(request, tmp_path_factory):
-    return _int8_of(request.param, tmp_path_factory.mktemp(request.param.stem))
+    return _int8_of(request.param, tmp_path_factory.mktemp(request.param.stem), evaluate=_demo_map(request.param))
+
+
+@pytest.mark.slow
+def test_every_demo_is_within_tolerance_by_the_rules_alone(demo_int8):
+    """docs/int8.md: every demo within 1.0 mAP50-95 point of its fp32 ONNX with the family rules alone, no block
+    kept float by the fallback (48 calibration images from the demo dataset's train split)."""
+    _, _, section = demo_int8
+    assert section["tolerance_points"] == 1.0 and section["pass"] and section["drop_points"] <= 1.0, section
+    assert "sensitivity" not in section and section["float_blocks"] == []
 
 
 @pytest.mark.slow
@@ -164,17 +181,45 @@ def test_bad_int8_arguments_exit_2(args, phrase, tmp_path, capsys):
 def test_demo_int8_end_to_end_with_labelled_map(tmp_path):
     """`python -m export --int8` on a demo: fp32/fp16/int8 files, mAP for each, drop within tolerance, --bench."""
     assert main(["--weights", str(models.demo_checkpoint("s2")), "--int8", "--calib-n", "64", "--bench", "2",
-                 "--int8-exclude", "model.22", "--out", str(tmp_path)]) == 0
+                 "--out", str(tmp_path)]) == 0  # S2's own int8 rule in force: no block excluded
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["onnx_files"]) == {"fp32", "fp16", "int8"} and report["precision"] == "int8"
     rows = {(r["backend"], r["precision"]): r for r in report["accuracy"]["models"]}
     assert set(rows) == {("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16"), ("onnxruntime", "int8")}
     assert rows[("onnxruntime", "fp32")]["map50_95"] == pytest.approx(rows[("torch", "fp32")]["map50_95"], abs=1e-3)
     int8 = report["int8"]
-    assert int8["pass"] and int8["drop_points"] <= 1.0 and int8["float_blocks"] == ["model.22"]
+    assert int8["pass"] and int8["drop_points"] <= 1.0 and int8["float_blocks"] == [] and "sensitivity" not in int8
+    assert any(rule["block"] == "model.22" and rule["owner"].startswith("S2") and rule["int8_layers"]
+               for rule in int8["rules"])
     assert int8["map50_95_int8"] == pytest.approx(rows[("onnxruntime", "int8")]["map50_95"])
     assert {"onnxruntime", "onnxruntime_fp32", "onnxruntime_fp16"} <= set(report["speed"])
     assert "## INT8" in (tmp_path / "report.md").read_text()
+
+
+def _constant_images(folder, n=4):
+    """Calibration images that carry nothing (flat grey): the ranges they give saturate on real images everywhere,
+    backbone included, so no choice of float blocks can bring the int8 model back within a small tolerance."""
+    folder.mkdir()
+    for i in range(n):
+        cv2.imwrite(str(folder / f"{i}.png"), np.full((256, 256, 3), 114, np.uint8))
+    return folder
+
+
+@pytest.mark.slow
+def test_int8_tolerance_decides_and_exit_4_says_why(tmp_path, capsys):
+    """--int8-tolerance is the acceptance rule: a badly calibrated model's drop stays over it after the sensitivity
+    fallback, so the run writes everything and exits 4 with the drop, the tolerance given and the blocks kept float
+    on one line (the passing side of the rule, and that the tolerance is what decides, are pinned in test_limits)."""
+    out = tmp_path / "out"
+    code = main(["--int8", "--calib", str(_constant_images(tmp_path / "grey")), "--data", str(demo_dataset()),
+                 "--int8-tolerance", "2.5", "--no-parity", "--out", str(out)])
+    err = capsys.readouterr().err
+    int8 = json.loads((out / "report.json").read_text())["int8"]
+    assert code == 4 and int8["tolerance_points"] == 2.5 and not int8["pass"] and int8["drop_points"] > 2.5
+    assert all((out / f"yolov8n-sta{s}.onnx").exists() for s in ("", "_fp16", "_int8")) and (out / "report.md").exists()
+    assert {row["block"] for row in int8["sensitivity"]} == {"model.10", "model.23"}  # each block tried float
+    assert err.count("\n") == 1 and f"mAP50-95 drop {int8['drop_points']:.2f} points > tolerance 2.5" in err
+    assert all(block in err for block in int8["float_blocks"]) and "report.md" in err
 
 
 def _outlier_v_channels(model, scale=1000.0):

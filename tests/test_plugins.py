@@ -148,8 +148,17 @@ def test_kernels_on_gpu_match_references():
 
 
 def test_tensorrt_plugins_register():
+    trt = pytest.importorskip("tensorrt", reason="full TensorRT >= 10.7 not installed (not installable here)")
     pytest.importorskip("tensorrt.plugin", reason="full TensorRT >= 10.7 not installed (not installable here)")
     assert plugins.register_tensorrt() is None
+    registered = {(c.plugin_namespace, c.name) for c in trt.get_plugin_registry().all_creators}
+    assert {(DOMAIN, op) for op in ("S2Shift", "StokenUnfold", "StokenFold")} <= registered, registered
+
+
+def test_without_tensorrt_plugin_support_registration_says_why(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", None)  # what an import of TensorRT < 10.7 (or none) meets
+    reason = plugins.register_tensorrt()
+    assert reason.startswith("TensorRT plugins not registered (") and "inlines the ops' ONNX functions" in reason
 
 
 @pytest.mark.slow
@@ -247,11 +256,11 @@ def test_plugin_dynamic_fp16_build_is_quiet_and_verbose_on_request(tmp_path, cap
     caplog.clear()
     assert "already exists" not in quiet.out + quiet.err  # no duplicate node names from inlined functions
     assert "zeroIsPlaceHolder" not in quiet.out + quiet.err  # runtime-shaped Reshapes are literal (allowzero=1)
-    assert "[TRT] [W]" not in quiet.out + quiet.err  # no warning left at all on the demo
-    assert "[TRT] [V]" not in quiet.out + quiet.err and "[TRT] [I]" not in quiet.out + quiet.err
+    assert "TensorRT warning:" not in quiet.out + quiet.err  # no warning left at all on the demo
+    assert "TensorRT verbose:" not in quiet.out + quiet.err and "TensorRT info:" not in quiet.out + quiet.err
     assert main([*args, "-v", "--out", str(tmp_path / "loud")]) == 0
     loud = capfd.readouterr()
-    assert "[TRT] [V]" in loud.out + loud.err
+    assert "TensorRT verbose:" in loud.out + loud.err
     assert "/model/model.10/StokenUnfold/" in loud.out + loud.err  # layers named after their call site
     # so does onnxslim's (its stderr handler is bound once per process: look at the log records themselves)
     assert not quiet_slim and any(r.name == "onnxslim" and r.levelno == logging.DEBUG for r in caplog.records)

@@ -5,6 +5,7 @@ import torch
 
 import models
 from models import fla, mlla
+from tests import seed_code
 from tests.cases import CASES, reference_at, rel_err
 
 
@@ -98,11 +99,24 @@ def test_twin_fp16_finite_and_close(name):
     assert rel_err(got, expected) <= FP16_TOLERANCE
 
 
-def test_fp16_hazards_of_the_seed_code_are_real():
-    """Why the twins exist: the seed FLA overflows fp16 at these values; upstream RoPE breaks .half()."""
+def test_the_seed_code_cannot_run_in_half_as_written():
+    """The seed FLA adds a fresh fp32 Parameter to k, so under .half() its einsum mixes fp32 and fp16; upstream
+    MLLA's RoPE keeps fp32 tensors: as transcribed from the tutorials, neither runs in fp16 at all (CPU)."""
+    x = torch.randn(1, 64, 20, 20).half()
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="expected scalar type Float but found Half"):
+            seed_code.FocusedLinearAttention(64).eval().half()(x)
+        with pytest.raises(RuntimeError, match="same dtype"):
+            seed_code.MLLAttention(64, 8).eval().half()(x)
+
+
+def test_the_seed_fla_arithmetic_overflows_fp16_once_its_dtypes_agree():
+    """Our reference FLA is the seed's arithmetic (test_seed_parity) with the dtype mix resolved after the focusing
+    power: in fp16 that power overflows at these values, while the export twin stays finite."""
     torch.manual_seed(0)
     x = ((torch.rand(1, 64, 80, 80) * 2 - 1) * 30).half()
+    reference = fla.FocusedLinearAttention(64).eval()
+    twin = models.to_export(reference).half()
     with torch.no_grad():
-        assert not torch.isfinite(fla.FocusedLinearAttention(64).eval().half()(x)).all()
-        with pytest.raises(RuntimeError, match="dtype"):
-            mlla.MLLAttention(64, 8).eval().half()(x)
+        assert not torch.isfinite(reference.half()(x)).all()
+        assert torch.isfinite(twin(x)).all()

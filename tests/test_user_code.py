@@ -77,7 +77,37 @@ def test_fork_checkpoint_exports_lints_and_passes_parity_fp32_and_fp16(fork, tmp
     fp32 = json.loads((tmp_path / "fp32" / "report.json").read_text())
     assert fp32["parity"]["onnxruntime"]["pass"] and fp32["parity"]["onnxruntime"]["precision"] == "fp32"
     assert "Blocks exported as written (--code)" in (out / "report.md").read_text()
-    assert all("block" in f for f in report["lint"])  # findings name their block
+
+
+NONZERO_GATE = '''
+    import torch
+    from torch import nn
+
+
+    class NonZeroGate(nn.Module):
+        """A gate that also counts its active positions: a data-dependent NonZero in the graph (numerically nothing)."""
+
+        def __init__(self, c):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1, c, 1, 1))
+
+        def forward(self, x):
+            return x * self.scale + 0 * torch.nonzero(x > 0).float().sum()
+'''
+
+
+def test_lint_names_the_block_of_every_finding(tmp_path, capsys):
+    """A --code block whose graph the lint flags: each finding carries the block's module path, in the report and
+    on the console."""
+    root = user_blocks.write_fork(tmp_path / "fork", extra={"NonZeroGate": NONZERO_GATE})
+    ckpt = user_blocks.save_checkpoint(root, tmp_path / "best.pt", placement={15: ("NonZeroGate", 64)})
+    out = tmp_path / "out"
+    assert main(["--weights", str(ckpt), "--code", str(root), "--no-parity", "--out", str(out)]) == 0
+    findings = json.loads((out / "report.json").read_text())["lint"]
+    assert [(f["rule"], f["op"]) for f in findings] == [("slow-op", "NonZero")], findings
+    assert findings[0]["block"] == "model.15.1" and findings[0]["onnx"] == "fp32"
+    console = capsys.readouterr().out
+    assert "lint best.onnx: 0 error(s), 1 warning(s)" in console and "/model.15.1/NonZero" in console
 
 
 def test_localisation_watches_every_code_block(fork, tmp_path):

@@ -3,7 +3,9 @@
 The demo `models/demo/yolov5s-s2.pt` was trained by YOLOv5's own train.py (tools/make_demo_v5.py) and
 pickles `models.yolo.*` / `models.common.*` classes, S2Attention from the tutorial (seed 004) among them.
 `tests/data/yolov5s-s2-expected.pt` is YOLOv5's own export-mode output of that checkpoint on a seeded
-input, computed by YOLOv5's code (the `yolov5` package) when the demo was made; YOLOv5 is not installed here.
+input, computed by YOLOv5's code (the `yolov5` package) when the demo was made, with the seed's in-place S2
+shift replaced by the clean shift (this project's definition; tools/make_demo_v5.py `write_expected`); YOLOv5
+is not installed here.
 """
 
 import copy
@@ -67,7 +69,7 @@ def test_loads_in_a_fresh_process_without_yolov5_code():
     assert all(k.startswith(("models.yolo.", "models.common.")) for k in remapped)
 
 
-def test_loaded_model_computes_what_yolov5_computes():
+def test_loaded_model_computes_what_yolov5_computes_with_the_clean_shift():
     x, expected = _expected()
     model = _export_mode(export.load(DEMO).model)
     with torch.no_grad():
@@ -102,7 +104,7 @@ def test_standalone_parity_on_yolov5_files(exported, capsys):
     assert json.loads(capsys.readouterr().out)["onnxruntime"]["pass"]
 
 
-def test_onnx_computes_what_yolov5_computes(exported):
+def test_onnx_computes_what_yolov5_computes_with_the_clean_shift(exported):
     _, out = exported
     x, expected = _expected()
     session = ort.InferenceSession(str(out / "yolov5s-s2.onnx"), providers=["CPUExecutionProvider"])

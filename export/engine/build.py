@@ -18,6 +18,7 @@ The timing cache (full TensorRT) is a file reused across builds; the engine's me
 """
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def build_engine(onnx_path, engine_path, precision, imgsz, batch=1, dynamic=Fals
     trt, flavour = backend()
     plugin_note = _register_plugins(flavour) if plugins else None
     strongly_typed = flavour == "tensorrt_rtx" or _version(trt) >= STRONGLY_TYPED_SINCE
-    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    logger = _logger(trt, verbose)
     if flavour == "tensorrt":  # TensorRT's own plugins (EfficientNMS_TRT of --nms trt files) in the registry
         trt.init_libnvinfer_plugins(logger, "")
     builder = trt.Builder(logger)
@@ -101,7 +102,8 @@ def build_engine(onnx_path, engine_path, precision, imgsz, batch=1, dynamic=Fals
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise BuildFailed(f"TensorRT could not build an engine from {onnx_path.name} (see the log above)")
+        raise BuildFailed(f"TensorRT could not build an engine from {onnx_path.name}: "
+                          + (logger.errors[-1] if logger.errors else "no error logged (rerun with -v)"))
     seconds = time.perf_counter() - start
     if cache_path:
         _save_timing_cache(config, cache, cache_path)
@@ -118,6 +120,25 @@ def build_engine(onnx_path, engine_path, precision, imgsz, batch=1, dynamic=Fals
     atomic_write(Path(engine_path), bytes(serialized))
     atomic_write(Path(f"{engine_path}.json"), json.dumps({**(metadata or {}), "engine": info}, indent=2).encode())
     return info
+
+
+def _logger(trt, verbose):
+    """TensorRT's log, kept to what a user needs: warnings one line each on stderr, errors collected for the one-line
+    failure (the parser's errors come from the parser itself); everything as TensorRT prints it with -v."""
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors = []
+
+        def log(self, severity, msg):
+            text = " ".join(str(msg).split())
+            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                self.errors.append(text)
+            if verbose or severity == trt.ILogger.Severity.WARNING:
+                print(f"TensorRT {severity.name.lower()}: {text}", file=sys.stderr)
+
+    return Logger()
 
 
 def _parse(parser, onnx_path, inline):

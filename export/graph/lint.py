@@ -13,7 +13,8 @@ from onnx import TensorProto
 # (Jetson) releases, parse opsets up to 17.
 MAX_OPSET = {"TensorRT 11": 25, "TensorRT 8.5-8.6 (Jetson)": 17}
 REJECTED_OPS = {"Col2Im": "TensorRT's parser has no Col2Im (F.fold): use shifted adds",
-                "Im2Col": "no Im2Col in TensorRT's parser: use shifted slices"}
+                "Im2Col": "no Im2Col in TensorRT's parser: use shifted slices",
+                "Det": "TensorRT's parser has no Det (torch.det / linalg.det; TensorRT-RTX 1.x refuses it)"}
 SLOW_OPS = {"ScatterND": "in-place slice writes become ScatterND: serialised and slow in TensorRT; use slices + Concat",
             "ScatterElements": "scatter writes run serialised in TensorRT; use slices + Concat",
             "NonZero": "data-dependent shape: forces a host round trip in TensorRT",

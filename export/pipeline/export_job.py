@@ -692,13 +692,20 @@ def finish(report, out):
     if report.get("block_check", {}).get("pass") is False:
         failed.append("block check (" + ", ".join(report["block_check"]["failed"]) + ")")
     if report.get("int8", {}).get("pass") is False:
-        failed.append("int8 accuracy")
+        failed.append(_int8_failure(report["int8"]))
     report["exit_code"] = EXIT_VERDICT_FAILED if failed else EXIT_OK
     write_report(report, out)
     say(f"wrote {out / 'report.json'}, report.md" + "".join(f", {p}" for p in report["pictures"]))
     if failed:
         print(f"error: {', '.join(failed)} failed (see {out / 'report.md'})", file=sys.stderr)
     return report["exit_code"]
+
+
+def _int8_failure(section):
+    """Why int8 failed, in the words of its acceptance rule: the drop, the tolerance, what was kept float."""
+    kept = section["float_blocks"]
+    return (f"int8 accuracy (mAP50-95 drop {section['drop_points']:.2f} points > tolerance "
+            f"{section['tolerance_points']}" + (f", with {', '.join(kept)} kept float" if kept else "") + ")")
 
 
 # ---- console and stage failures ---------------------------------------------------------------------------------
