@@ -82,23 +82,32 @@ def time_onnx(path, x, iterations, threads):
     return float(np.median(times)), session.run(None, feed)[0]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--iterations", type=int, default=200)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    rows = ["| op | input | form | ONNX nodes | median ms | vs seed |", "|---|---|---|---|---|---|"]
+def measure(iterations=200, threads=2):
+    """[{op, input, form, nodes, ms, vs_seed}]: every form of every case, timed; all forms of a case must agree."""
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for op, label, x, forms in cases():
             seed_ms, expected = None, None
             for form, fn in forms.items():
                 path = Path(tmp) / "op.onnx"
                 proto = export_module(_Fn(fn), x, path)
-                ms, got = time_onnx(path, x, args.iterations, args.threads)
+                ms, got = time_onnx(path, x, iterations, threads)
                 expected = got if expected is None else expected
                 assert np.allclose(got, expected, atol=1e-5), f"{op} {form} disagrees"
                 seed_ms = seed_ms or ms
-                rows.append(f"| {op} | {label} | {form} | {len(proto.graph.node)} | {ms:.3f} | {seed_ms / ms:.2f}x |")
+                rows.append({"op": op, "input": label, "form": form, "nodes": len(proto.graph.node), "ms": ms,
+                             "vs_seed": seed_ms / ms})
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iterations", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    rows = ["| op | input | form | ONNX nodes | median ms | vs seed |", "|---|---|---|---|---|---|"]
+    rows += [f"| {r['op']} | {r['input']} | {r['form']} | {r['nodes']} | {r['ms']:.3f} | {r['vs_seed']:.2f}x |"
+             for r in measure(args.iterations, args.threads)]
     print("\n".join(rows))
 
 

@@ -95,6 +95,25 @@ def verdict(path, precision, reference, images, kind, own_fp16=None):
     return r["pass"], r
 
 
+def verdict_setup(weights, imgsz):
+    """(PyTorch reference runner, the sample images, the checkpoint's kind, PyTorch's own fp16 error) for verdicts
+    on exports of `weights` at `imgsz`, as the main job sets them up."""
+    loaded = load(weights)
+    images = tile(read_images(models.DEMO_DIR / "images", imgsz), 1)
+    reference, kind = TorchRunner(models.reference_at(loaded.model, *imgsz)), kinds.of(loaded)
+    twin, _ = rewrite(loaded.model, imgsz, images=torch.from_numpy(images[:1]))
+    return reference, images, kind, own_fp16_error(reference, twin, images)
+
+
+def planted_copy(path, out, plant=None):
+    """`path` with a fault planted by `plant(proto)` (none: unchanged), saved as `out`."""
+    proto = onnx.load(str(path))
+    if plant:
+        plant(proto)
+    onnx.save(proto, str(out))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", type=Path, default=models.demo_checkpoint("sta"))
@@ -102,23 +121,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     assert export_main(["--weights", str(args.weights), "--out", str(args.out), "--int8", "--no-parity"]) == 0
     report = json.loads((args.out / "report.json").read_text())
-    loaded = load(args.weights)
-    imgsz = tuple(report["imgsz"])
-    images = tile(read_images(models.DEMO_DIR / "images", imgsz), 1)
-    reference, kind = TorchRunner(models.reference_at(loaded.model, *imgsz)), kinds.of(loaded)
-    twin, _ = rewrite(loaded.model, imgsz, images=torch.from_numpy(images[:1]))
-    own = own_fp16_error(reference, twin, images)
+    reference, images, kind, own = verdict_setup(args.weights, tuple(report["imgsz"]))
     print(f"PyTorch's own fp16 run: rel max abs {own:.3g}; fp16 limit {thresholds_for('fp16', own).rel_max_abs:.3g}\n")
     print("| precision | e | pass | rel max abs | cosine | box recall | box precision |\n|---|---|---|---|---|---|---|")
     smallest = {}
     with tempfile.TemporaryDirectory() as tmp:
         for precision, path in report["onnx_files"].items():
             for e in (0.0, *EPSILONS):
-                proto = onnx.load(path)
-                if e:
-                    scale_attention_weight(proto, 1 + e)
-                planted = Path(tmp) / f"{precision}.onnx"
-                onnx.save(proto, str(planted))
+                planted = planted_copy(path, Path(tmp) / f"{precision}.onnx",
+                                       (lambda proto, e=e: scale_attention_weight(proto, 1 + e)) if e else None)
                 ok, r = verdict(planted, precision, reference, images, kind, own)
                 if e and not ok:
                     smallest.setdefault(precision, e)

@@ -56,6 +56,13 @@ def thresholds_for(precision, own_fp16=None):
     return replace(fixed, rel_max_abs=min(fixed.rel_max_abs, max(FP16_FLOOR, FP16_OWN_FACTOR * own_fp16)))
 
 
+def passes(metrics, limits):
+    """The verdict: finite outputs and every metric on the right side of its limit (a value at the limit passes)."""
+    return bool(metrics["finite"] and metrics["rel_max_abs"] <= limits.rel_max_abs
+                and metrics["cosine"] >= limits.cosine and metrics["box_recall"] >= limits.box_recall
+                and metrics["box_precision"] >= limits.box_precision)
+
+
 @dataclass(frozen=True)
 class AnchorTolerance:
     score: float  # largest |backend - PyTorch| of any class score at one anchor
@@ -245,9 +252,7 @@ def compare(reference, runner, images, precision, batch=1, to_v8_layout=None, li
     verdict, judged = box_verdict(ref_v8, out_v8, ref_dets, dets, ref_anchors, anchors, precision)
     result.update(verdict)
     limits = limits or THRESHOLDS[precision]
-    result["pass"] = bool(result["finite"] and result["rel_max_abs"] <= limits.rel_max_abs
-                          and result["cosine"] >= limits.cosine and result["box_recall"] >= limits.box_recall
-                          and result["box_precision"] >= limits.box_precision)
+    result["pass"] = passes(result, limits)
     result["thresholds"] = limits.__dict__
     result["anchor_tolerance"] = ANCHOR_TOLERANCE[precision].__dict__
     result["abs_diff_sample"] = np.abs(out - ref).ravel()[:: max(1, out.size // 20000)].tolist()
