@@ -89,21 +89,23 @@ def test_100000_class_instances_load_one_more_is_refused():
         _unpickle([newobj(block)] * 100_001)
 
 
-def test_work_budget_is_two_elements_per_pickle_byte_plus_a_mebi_element():
-    """The gate's work budget for a 1000-byte pickle: 2 x 1000 + 2**20 elements touched (a str costs its length
-    plus one)."""
-    budget = 2 * 1000 + MIB
-    gate = GatedUnpickler(b"x" * 1000, UnpickleLog(), None)
+@pytest.mark.parametrize("size", [1000, 600_000])
+def test_work_budget_is_two_elements_per_pickle_byte_plus_a_mebi_element(size):
+    """The gate's work budget for a pickle of `size` bytes: 2 x size + 2**20 elements touched (a str costs its
+    length plus one)."""
+    budget = 2 * size + MIB
+    gate = GatedUnpickler(b"x" * size, UnpickleLog(), None)
     gate._charge("s" * (budget - 1))  # the whole budget, to the element
     with pytest.raises(Refused, match="far more work"):
         gate._charge(0)
     with pytest.raises(Refused, match="far more work"):
-        GatedUnpickler(b"x" * 1000, UnpickleLog(), None)._charge("s" * budget)
+        GatedUnpickler(b"x" * size, UnpickleLog(), None)._charge("s" * budget)
 
 
 def test_expanded_views_may_claim_64_mebi_elements_in_all():
     budget = ExpansionBudget()
-    budget.spend(64 * MIB)
+    budget.spend(1)  # spent in parts, by each view
+    budget.spend(64 * MIB - 1)
     with pytest.raises(Refused, match="expanded tensor views"):
         budget.spend(1)
     with pytest.raises(Refused, match="expanded tensor views"):
@@ -147,9 +149,10 @@ def _fan(children, name="m"):
 
 
 def test_100000_module_paths_pass_one_more_is_refused():
-    validate(_fan(99_999))
+    """A Sequential around the fan: its paths are its own plus the fan's 1 + children."""
+    validate(nn.Sequential(_fan(99_998)))
     with pytest.raises(Refused, match="more than 100000 paths"):
-        validate(_fan(100_000))
+        validate(nn.Sequential(_fan(99_999)))
 
 
 def test_a_module_graph_held_outside_the_models_tree_is_bounded_too():

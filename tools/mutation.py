@@ -2,8 +2,9 @@
 loader's bounds and the exit codes (docs/testing.md).
 
     pip install -c constraints.txt ".[mutation]"       # cosmic-ray
-    python tools/mutation.py                             # every target (about 2 hours on 2 cores)
+    python tools/mutation.py                             # every target (about 80 min on 2 cores)
     python tools/mutation.py parity int8                 # some targets
+    python tools/mutation.py --again                     # the survivors of the last run, against the tests as now
 
 Each target names a module, the definitions in it to mutate (a function, a method as Class.method, a constant; with
 `:regex`, only that definition's lines matching the regex) and the fast tests that must kill the mutants. The
@@ -26,6 +27,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -74,7 +76,7 @@ TARGETS = (
            ("MAX_ENTRIES", "MAX_CENTRAL_DIRECTORY", "MAX_PICKLE_BYTES", "_check_central_directory:MAX_",
             "_check_records:MAX_ENTRIES", "_top_folder:MAX_PICKLE_BYTES"), LOADER_TESTS),
 )
-TIMEOUT_S = 120  # one test run; the slowest fast-test command takes about 12 s unmutated
+TIMEOUT_S = 40  # one test run: about 3x the slowest unmutated (a mutant that loops for ever is killed by it)
 PROJECT = ("export", "calib", "models", "plugins", "tests", "tools")  # never preloaded: mutants live here
 SOCKET = "pytest.sock"
 
@@ -128,7 +130,8 @@ def copy_repository(work):
 def write_config(work, target):
     """The target's cosmic-ray configuration (TOML; its strings and lists written as JSON, which TOML reads)."""
     specs = line_ranges((work / target.module).read_text(), target.definitions)
-    test_command = f"{sys.executable} tools/mutation.py --client {work / SOCKET} -x -q -p no:cacheprovider {target.tests}"
+    test_command = f"{sys.executable} tools/mutation.py --client {work / SOCKET} -x -q -p no:cacheprovider " \
+                   f"{target.tests}"
     config = work / f"{target.name}.toml"
     config.write_text(f"""[cosmic-ray]
 module-path = {json.dumps(target.module)}
@@ -149,7 +152,7 @@ name = "local"
 def third_party_modules(work, env):
     """Modules importing the project's test files loads, less the project's own (probed in a separate process)."""
     probe = ("import sys, importlib; sys.path.insert(0, '.'); "
-             "[importlib.import_module(m) for m in ('tests.test_limits', 'tests.test_load_limits', 'tests.test_schema')];"
+             "[importlib.import_module(f'tests.{m}') for m in ('test_limits', 'test_load_limits', 'test_schema')];"
              "print('\\n'.join(sys.modules))")
     names = subprocess.run([sys.executable, "-c", probe], cwd=work, env=env, check=True, capture_output=True,
                            text=True).stdout.split()
@@ -217,13 +220,18 @@ def start_server(work, env):
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
-def run_target(work, target, env, server):
-    config, session = write_config(work, target), work / f"{target.name}.sqlite"
+def run_target(work, target, env, server, again=False):
+    """A target's session: every mutant, or (again, when it has one) its survivors and unfinished mutants."""
+    config, session = work / f"{target.name}.toml", work / f"{target.name}.sqlite"
+    if again and session.exists():
+        with sqlite3.connect(session) as db:  # results deleted: `exec` runs those mutants again
+            db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+        setup = []
+    else:
+        write_config(work, target)
+        setup = [["cosmic-ray", "init", config, session, "--force"], ["cr-filter-lines", "--config", config, session]]
     tool = Path(sys.executable).parent
-    for command in (["cosmic-ray", "init", config, session, "--force"],
-                    ["cr-filter-lines", "--config", config, session],
-                    ["cosmic-ray", "baseline", config],
-                    ["cosmic-ray", "exec", config, session]):
+    for command in (*setup, ["cosmic-ray", "baseline", config], ["cosmic-ray", "exec", config, session]):
         subprocess.run([str(tool / command[0]), *map(str, command[1:])], cwd=work, env=env, check=True)
         if server.poll() is not None:  # every later test run would have failed: mutants counted killed falsely
             raise SystemExit("the test server stopped: this target's results are void")
@@ -262,13 +270,19 @@ def report(rows):
               f"{killed + survived + incompetent} | {killed / max(1, killed + survived):.1%} |")
 
 
-def run(work, chosen):
-    """Copy the repository to `work`, start the test server, run each target's session there."""
-    copy_repository(work)
+def run(work, chosen, again=False):
+    """Copy the repository to `work` (again: only the test files and the targets' modules, as an interrupted run may
+    have left one mutated; the sessions are kept), start the test server, run each target's session there."""
+    if again:
+        tests = {t.partition("::")[0] for target in chosen for t in target.tests.split()}
+        for name in tests | {target.module for target in chosen}:
+            shutil.copy2(REPO / name, work / name)
+    else:
+        copy_repository(work)
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     server = start_server(work, env)
     try:
-        return [(target, run_target(work, target, env, server)) for target in chosen]
+        return [(target, run_target(work, target, env, server, again)) for target in chosen]
     finally:
         server.kill()
 
@@ -283,6 +297,8 @@ def main(argv=None):
                    help=f"targets to run (default: all): {', '.join(t.name for t in TARGETS)}")
     p.add_argument("--work", type=Path, default=Path("/tmp/yolo-attn-mutation"), help="work folder (replaced)")
     p.add_argument("--summary-only", action="store_true", help="summarize the sessions already in --work")
+    p.add_argument("--again", action="store_true",
+                   help="run the survivors of the sessions in --work again, against the test files as they are now")
     args = p.parse_args(argv)
     unknown = set(args.targets) - {t.name for t in TARGETS}
     if unknown:
@@ -291,7 +307,7 @@ def main(argv=None):
     if args.summary_only:
         report([(t, summarize(args.work / f"{t.name}.sqlite")) for t in chosen])
     else:
-        report(run(args.work, chosen))
+        report(run(args.work, chosen, args.again))
 
 
 if __name__ == "__main__":
