@@ -7,6 +7,7 @@ tests/test_schema.py the schema's entries one past their bound (and the class na
 import struct
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ def _unpickle(value):
 
 # ---- the gated unpickler ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("module, name", [("m" * 256, "Block"), ("fork.nn", "B" * 256), ("m", "B")])
-def test_global_names_of_256_characters_resolve(module, name):
+def test_global_names_of_1_to_256_characters_resolve(module, name):
     assert _unpickle(glob(module, name)).origin == f"{module}.{name}"
 
 
@@ -133,8 +134,15 @@ def test_object_count_bound_at_the_limit(monkeypatch):
     pinned at a bound of 10; its value is pinned below."""
     monkeypatch.setattr(object_graph, "MAX_OBJECTS", 10)
     validate([[] for _ in range(9)])  # the root and 9 lists: 10 objects
+    validate([[] for _ in range(5)] + [_nested(4)])  # 10 again, counted while 5 are open
     with pytest.raises(Refused, match="more than 10 objects"):
         validate([[] for _ in range(10)])
+    with pytest.raises(Refused, match="more than 10 objects"):
+        validate([[] for _ in range(5)] + [_nested(5)])  # 5 done and 6 open when the 11th comes
+
+
+def test_the_walk_passes_arrays_and_tensors_as_values():
+    validate({"array": np.zeros(3), "tensor": torch.zeros(3), "list": [np.ones(2)]})
 
 
 def test_bounds_too_large_to_reach_in_a_unit_test():
@@ -199,23 +207,29 @@ def test_module_fields_at_their_bound_pass_one_past_is_refused(field, at, past):
     (lambda: nn.ConstantPad3d(1, 0.0), "padding", (-256,) * 6, (0, 0, 0, 0, 0, -257)),
     (lambda: nn.Unfold(3), "kernel_size", 16, 17),
     (lambda: nn.Fold(8, 3), "kernel_size", (16, 16), (16, 17)),
-    (lambda: nn.Fold(8, 3), "kernel_size", (1, 1), (1, 1, 1)),
+    (lambda: nn.Fold(8, 3), "kernel_size", (1, 1), (1, 1, 1)), (lambda: nn.Unfold(3), "kernel_size", 1, 0),
+    (lambda: nn.ZeroPad2d(1), "padding", (1,) * 6, (1,) * 7),
+    *((lambda: nn.Unfold(3), name, 64, 65) for name in ("dilation", "padding", "stride")),
+    *((lambda: nn.Unfold(3), name, 1, 0) for name in ("dilation", "stride")), (lambda: nn.Unfold(3), "padding", 0, -1),
+    *((lambda: nn.Unfold(3), name, (2, 2), (2, 2, 2)) for name in ("dilation", "padding", "stride")),  # 1 or 2 sizes
 ])
 def test_class_fields_at_their_bound_pass_one_past_is_refused(layer, field, at, past):
-    """docs/checkpoints.md: a padding layer's widths at most 256 a side, Unfold/Fold's kernel at most 16."""
+    """docs/checkpoints.md: a padding layer's widths at most 256 a side (up to 6 of them), Unfold/Fold's kernel at
+    most 16 (and its dilation, padding and stride at most 64)."""
     schema.check_model(_holding(field, at, layer))
     with pytest.raises(Refused, match=f"{field} = "):
         schema.check_model(_holding(field, past, layer))
 
 
-@pytest.mark.parametrize("names", [{-1: "a"}, {10_000: "a"}, {0: "a" * 257}])
+@pytest.mark.parametrize("names", [{-1: "a"}, {10_000: "a"}, {10_001: "a"}, {0: "a" * 257}])
 def test_class_names_are_keyed_0_to_9999_and_at_most_256_characters(names):
     schema.check_names({9_999: "a" * 256})
     with pytest.raises(Refused, match="class name"):
         schema.check_names(names)
 
 
-def test_an_empty_training_image_size_is_refused():
+def test_training_image_sides_from_1_and_never_empty():
+    assert schema.image_size(1, 32) == 32 and schema.image_size([1, 4096], 32) == [32, 4096]
     with pytest.raises(Refused, match="train_args imgsz"):
         schema.image_size([], 32)
 
@@ -230,6 +244,7 @@ def _model_of(layers):
 
 
 def test_1024_layers_pass_1025_are_refused():
+    schema.check_model(_model_of(23))  # a yolov8's
     schema.check_model(_model_of(1024))
     with pytest.raises(Refused, match="1025 layers"):
         schema.check_model(_model_of(1025))
