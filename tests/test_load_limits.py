@@ -163,6 +163,17 @@ def test_100000_module_paths_pass_one_more_is_refused():
         validate(nn.Sequential(_fan(99_999)))
 
 
+def test_module_paths_add_up_along_a_chain(monkeypatch):
+    """A chain of 3 modules has 3 paths from its root (each module adds itself to its children's count): at a bound
+    of 3 it passes, at 2 it is refused. MAX_MODULE_PATHS is read at call time."""
+    chain = nn.Sequential(nn.Sequential(nn.Identity()))
+    monkeypatch.setattr(object_graph, "MAX_MODULE_PATHS", 3)
+    validate(chain)
+    monkeypatch.setattr(object_graph, "MAX_MODULE_PATHS", 2)
+    with pytest.raises(Refused, match="more than 2 paths"):
+        validate(chain)
+
+
 def test_a_module_graph_held_outside_the_models_tree_is_bounded_too():
     """Module paths are counted from every module the walk found, not only from the first one's tree."""
     model = nn.Sequential(nn.Identity())
@@ -226,6 +237,12 @@ def test_class_names_are_keyed_0_to_9999_and_at_most_256_characters(names):
     schema.check_names({9_999: "a" * 256})
     with pytest.raises(Refused, match="class name"):
         schema.check_names(names)
+
+
+def test_10000_class_names_pass_10001_are_refused_by_their_count():
+    schema.check_names({i: "c" for i in range(10_000)})
+    with pytest.raises(Refused, match=r"10001 class names \(at most 10000\)"):
+        schema.check_names({i: "c" for i in range(10_001)})
 
 
 def test_training_image_sides_from_1_and_never_empty():
@@ -299,8 +316,17 @@ def test_zip_directory_of_100000_records_and_16_mib_is_read(tmp_path):
 @pytest.mark.parametrize("entries, size", [(100_001, 1024), (10, 16 * MIB + 1)])
 def test_zip_directory_past_100000_records_or_16_mib_is_refused_before_reading_it(entries, size, tmp_path):
     path = tmp_path / "past.pt"
-    with pytest.raises(Refused, match="at most 100000 records and 16 MiB"):
+    with pytest.raises(Refused, match=f"a zip directory of {entries} records and {size >> 10} KiB "
+                                      f"\\(at most 100000 records and 16 MiB"):
         torch_zip._check_central_directory(path, _zip64_tail(path, entries, size))
+
+
+def test_a_torch_save_archive_is_far_inside_every_zip_bound(tmp_path):
+    """The bounds refuse only what is past them: a real checkpoint's few records and small data.pkl open."""
+    path = tmp_path / "small.pt"
+    torch.save({"model": nn.Conv2d(3, 8, 3).state_dict()}, path)
+    archive = torch_zip.open_torch_zip(path, path.stat().st_size)
+    archive.archive.close()
 
 
 def _records(n, pickle_bytes=100):

@@ -63,6 +63,7 @@ class _Walk:
     def __init__(self, report, user_types):
         self.report, self.user_types = report, user_types
         self.heights, self.open = {}, set()  # id -> height of finished objects; ids on the current path
+        self.count = 0  # objects expanded so far (each once): the finished ones and those on the current path
 
     def run(self, root):
         stack = [[root, None, 0]]  # [object, iterator over its children (None: not expanded yet), tallest child]
@@ -71,7 +72,8 @@ class _Walk:
             obj, children = frame[0], frame[1]
             if children is None:
                 self.open.add(id(obj))
-                if len(self.heights) + len(self.open) > MAX_OBJECTS:
+                self.count += 1
+                if self.count > MAX_OBJECTS:
                     raise Refused(f"more than {MAX_OBJECTS} objects")
                 frame[1] = children = iter(self._visit(obj))
             child = next(children, _DONE)
