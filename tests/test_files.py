@@ -77,8 +77,9 @@ def test_a_new_artifact_interrupted_is_not_created(tmp_path, monkeypatch):
 
 # A writer in its own process that stops half-way through its write and says so, to be signalled there.
 WRITER = textwrap.dedent("""
-    import importlib.util, os, sys, time
+    import importlib.util, os, signal, sys, time
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal: a background job inherits it ignored
     spec = importlib.util.spec_from_file_location("files", "export/files.py")  # alone: export/ imports torch
     files = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(files)
