@@ -808,7 +808,12 @@ def span(ratios, what):
     is clearly so, else no clear difference."""
     lo, hi = min(ratios), max(ratios)
     word = "*slower*" if lo >= CLEAR_GAP else "*faster*" if hi <= 1 / CLEAR_GAP else "no clear difference"
-    return f"{lo:.2f}-{hi:.2f}x the time of {what} ({word})"
+    return f"{x_of(lo)}-{x_of(hi)}x the time of {what} ({word})"
+
+
+def x_of(ratio):
+    """A time ratio to print: two decimals, or two significant digits below 0.1 (0.068, not 0.07)."""
+    return f"{ratio:.2f}" if ratio >= 0.1 else f"{ratio:.2g}"
 
 
 @region("tools/bench_plugins.py (200 calls per form, 2 threads)", timing=True)

@@ -304,6 +304,9 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown targets: {', '.join(sorted(unknown))}")
     chosen = [t for t in TARGETS if not args.targets or t.name in args.targets]
+    missing = [t.name for t in chosen if not (args.work / f"{t.name}.sqlite").exists()]
+    if (args.summary_only or args.again) and missing:
+        p.error(f"no session in {args.work} for {', '.join(missing)}: run them first, or name the work folder (--work)")
     if args.summary_only:
         report([(t, summarize(args.work / f"{t.name}.sqlite")) for t in chosen])
     else:
