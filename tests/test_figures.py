@@ -76,3 +76,11 @@ def test_verdict_words_need_a_clear_gap():
 
 def test_a_block_region_keeps_its_markers_on_lines_of_their_own():
     assert figures.fill("\nold\n", "new") == "\nnew\n" and figures.fill("old", "new") == "new"
+
+
+def test_a_verdict_sentence_keeps_its_skeleton_whatever_its_words():
+    """A sentence whose shape changed with its words (one verdict when both precisions agree, two otherwise) failed
+    --check on a fresh run where only one precision's word moved to undecided."""
+    written = figures.fla_target({"fp32": "not met", "fp16": "not met"})
+    assert figures.agrees(TIMING, written, figures.fla_target({"fp32": "not met", "fp16": "at"}))
+    assert not figures.agrees(TIMING, written, figures.fla_target({"fp32": "met", "fp16": "not met"}))
