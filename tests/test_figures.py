@@ -84,3 +84,15 @@ def test_a_verdict_sentence_keeps_its_skeleton_whatever_its_words():
     written = figures.fla_target({"fp32": "not met", "fp16": "not met"})
     assert figures.agrees(TIMING, written, figures.fla_target({"fp32": "not met", "fp16": "at"}))
     assert not figures.agrees(TIMING, written, figures.fla_target({"fp32": "met", "fp16": "not met"}))
+
+
+def test_differences_name_each_differing_region_with_its_fresh_text():
+    """--check against the docs as written: every region agrees with itself, and a changed exact region is named
+    with the fresh text it would print."""
+    written = {name: body.strip("\n")
+               for path in figures.doc_files() for name, body in figures.regions_in(path.read_text())}
+    assert figures.differences(written) == []
+    exact = next(name for name, reg in figures.REGIONS.items() if not reg.timing)
+    found = figures.differences({exact: "a planted difference"})
+    assert [fresh for _, fresh in found] == ["a planted difference"] * len(found) and found
+    assert all(where.endswith(f": {exact}") for where, _ in found)

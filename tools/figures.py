@@ -188,18 +188,20 @@ def floor_to(v, decimals):
     return f"{math.floor(v * 10 ** decimals) / 10 ** decimals:.{decimals}f}"
 
 
+def pace(ratio):
+    """How this compares with that, from a time ratio (this / that): slower or faster only when the gap is clear."""
+    return "slower" if ratio >= CLEAR_GAP else "faster" if ratio <= 1 / CLEAR_GAP else "about as fast"
+
+
 def times(ratio):
-    """A time ratio (this / that) and in words how it compares, the words only when the gap is clear."""
-    return f"{ratio:.2f}x ({relation(ratio).removesuffix(' as').removesuffix(' than')})"
+    """A time ratio (this / that) and in words how it compares."""
+    return f"{ratio:.2f}x ({pace(ratio)})"
 
 
 def relation(ratio):
-    """How this compares with that, from a time ratio (this / that), only when the gap is clear."""
-    if ratio >= CLEAR_GAP:
-        return "slower than"
-    if ratio <= 1 / CLEAR_GAP:
-        return "faster than"
-    return "about as fast as"
+    """pace() before a noun: "slower than", "faster than", "about as fast as"."""
+    word = pace(ratio)
+    return f"{word} as" if word == "about as fast" else f"{word} than"
 
 
 def against(iqr, limit, met="within", missed="over"):
@@ -810,7 +812,7 @@ def span(ratios, what):
     """A range of time ratios (this / that) and in words how they compare: *slower* (or *faster*) when every one
     is clearly so, else no clear difference."""
     lo, hi = min(ratios), max(ratios)
-    word = "*slower*" if lo >= CLEAR_GAP else "*faster*" if hi <= 1 / CLEAR_GAP else "no clear difference"
+    word = f"*{pace(lo)}*" if pace(lo) == pace(hi) != "about as fast" else "no clear difference"
     return f"{x_of(lo)}-{x_of(hi)}x the time of {what} ({word})"
 
 
@@ -861,12 +863,12 @@ def fresh_texts(names, runs):
 
 
 def differences(texts):
-    """[file: name] of every region whose text differs from the fresh one, as --check compares them."""
+    """("file: name", fresh text) of every region whose text differs from the fresh one, as --check compares them."""
     found = []
     for path in doc_files():
         for name, body in regions_in(path.read_text()):
             if name in texts and not agrees(REGIONS[name], body.strip("\n"), texts[name]):
-                found.append(f"{shown(path)}: {name}")
+                found.append((f"{shown(path)}: {name}", texts[name]))
     return found
 
 
@@ -908,7 +910,7 @@ def main(argv=None):
         stale = differences(texts)
         print("figures: every region matches the fresh run" if not stale else
               "figures: these regions differ from the fresh run (the fresh text after each):\n  "
-              + "\n  ".join(f"{where}\n    {texts[where.rpartition(': ')[2]]}" for where in stale))
+              + "\n  ".join(f"{where}\n    {fresh}" for where, fresh in stale))
         return 1 if stale else 0
     rewrite(texts)
     return 0
